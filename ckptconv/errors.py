@@ -41,3 +41,15 @@ class ShardingError(CkptconvError, ValueError):
 
 class EngineError(CkptconvError, ValueError):
     """The inference engine was called with inconsistent inputs."""
+
+
+class ModelInputError(CkptconvError, ValueError):
+    """A model was called with inputs or caches inconsistent with its config or mode."""
+
+
+class CheckpointWriteError(CkptconvError, ValueError):
+    """A checkpoint cannot be written as asked.
+
+    A leaf written twice or only in part, key types that contradict each other, a dtype or shape
+    that does not match its declaration, or a destination the writer does not support.
+    """
