@@ -414,7 +414,7 @@ class CheckpointWriter:
     def _check_destination(self) -> None:
         if self._dest.exists() and not self._force:
             raise DestinationExistsError(
-                f"{self._dest}: destination exists; pass force=True to replace it"
+                f"{self._dest}: destination exists; pass --force (force=True) to replace it"
             )
 
     def _start(self) -> None:

@@ -1,0 +1,295 @@
+"""The ``ckptconv`` command: option parsing only, one library call per command.
+
+User errors (:class:`~ckptconv.errors.CkptconvError`) print one line on stderr and exit 2;
+``compare`` exits 1 when the checkpoints differ. ``--json`` prints one JSON document on
+stdout; progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+
+import click
+
+from .errors import CkptconvError, PlanError
+
+EXIT_DIFFERENT = 1
+EXIT_USER_ERROR = 2
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def user_errors(fn):
+    """Turns :class:`CkptconvError` into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CkptconvError as e:
+            click.echo(f"ckptconv: error: {_one_line(str(e))}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=1, default=str))
+    else:
+        click.echo(text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckptconv")
+def main() -> None:
+    """Convert Flax Linen checkpoints to Flax NNX and back, bit-exactly."""
+
+
+def _parse_renames(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise PlanError(f"--rename {v}: expected REGEX=REPLACEMENT")
+        pattern, repl = v.split("=", 1)
+        out.append((pattern, repl))
+    return tuple(out)
+
+
+def _load_target(spec: str):
+    """Imports ``module:function`` and returns the target leaves of what it returns."""
+    from .convert import abstract_tree_leaves
+
+    if ":" not in spec:
+        raise PlanError(f"--target {spec}: expected module:function")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise PlanError(f"--target {spec}: cannot import it ({e})") from e
+    return abstract_tree_leaves(fn())
+
+
+def _convert_options(f):
+    opts = [
+        click.option(
+            "--layout",
+            type=click.Choice(["maxtext", "flax", "nnx"]),
+            default=None,
+            help="Source layout (detected when omitted).",
+        ),
+        click.option(
+            "--rename",
+            "renames",
+            multiple=True,
+            metavar="REGEX=REPLACEMENT",
+            help="Rename model paths ('/'-joined); repeatable.",
+        ),
+        click.option(
+            "--scan-layers/--unscan-layers",
+            default=None,
+            help="Stack layers_{i} families into one scanned module, or split them.",
+        ),
+        click.option(
+            "--linen-scan-axis",
+            type=int,
+            default=None,
+            help="Stacking axis of Linen params (default: recorded, else 1).",
+        ),
+        click.option(
+            "--nnx-scan-axis",
+            type=int,
+            default=None,
+            help="Stacking axis of NNX params (default: recorded, else 0).",
+        ),
+        click.option("--dtype", default=None, help="Cast floating params, e.g. bfloat16."),
+        click.option("--params-only", is_flag=True, help="Keep the params only."),
+        click.option("--force", is_flag=True, help="Replace an existing destination."),
+        click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
+        click.option(
+            "--target",
+            default=None,
+            metavar="MODULE:FUNCTION",
+            help="Check the plan against an NNX model (or its abstract state).",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_convert(
+    direction,
+    src,
+    dst,
+    *,
+    layout,
+    renames,
+    scan_layers,
+    linen_scan_axis,
+    nnx_scan_axis,
+    dtype,
+    params_only,
+    force,
+    dry_run,
+    target,
+    as_json,
+    target_layout=None,
+):
+    from .convert import ConvertOptions, convert
+
+    options = ConvertOptions(
+        layout=layout,
+        target_layout=target_layout,
+        renames=_parse_renames(renames),
+        scan_layers=scan_layers,
+        linen_scan_axis=linen_scan_axis,
+        nnx_scan_axis=nnx_scan_axis,
+        dtype=dtype,
+        params_only=params_only,
+    )
+    target_leaves = _load_target(target) if target else None
+    if dry_run:
+        result = convert(src, None, direction=direction, options=options, target=target_leaves)
+        _emit(result.plan.to_dict(), as_json, result.plan.describe())
+        return
+    show_bar = not as_json and sys.stderr.isatty()
+    bar = None
+    state = {"done": 0}
+
+    def progress(done: int, total: int, path: str) -> None:
+        nonlocal bar
+        if not show_bar:
+            return
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label=direction, file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    try:
+        result = convert(
+            src,
+            dst,
+            direction=direction,
+            options=options,
+            force=force,
+            target=target_leaves,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    d = result.to_dict()
+    _emit(
+        d,
+        as_json,
+        f"wrote {d['destination']}: {d['leaves']} leaves, "
+        f"{d['bytes'] / 1e6:.1f} MB in {d['seconds']:.2f} s "
+        f"({d['source_layout']} -> {d['target_layout']}, peak RSS {d['peak_rss_mb']} MB)",
+    )
+
+
+@main.command("linen-to-nnx")
+@click.argument("src")
+@click.argument("dst")
+@_convert_options
+@user_errors
+def linen_to_nnx(src: str, dst: str, **kw) -> None:
+    """Convert a Linen checkpoint (MaxText or Flax TrainState) at SRC to NNX at DST."""
+    _run_convert("linen-to-nnx", src, dst, **kw)
+
+
+@main.command("nnx-to-linen")
+@click.argument("src")
+@click.argument("dst")
+@_convert_options
+@click.option(
+    "--to",
+    "target_layout",
+    type=click.Choice(["maxtext", "flax"]),
+    default=None,
+    help="Linen layout to write (default: the one recorded at conversion).",
+)
+@user_errors
+def nnx_to_linen(src: str, dst: str, **kw) -> None:
+    """Convert an NNX checkpoint at SRC back to a Linen layout at DST."""
+    _run_convert("nnx-to-linen", src, dst, **kw)
+
+
+@main.command("inspect")
+@click.argument("ckpt")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@user_errors
+def inspect_cmd(ckpt: str, as_json: bool) -> None:
+    """List the layout, keys, shapes, dtypes and bytes of CKPT (metadata only)."""
+    from .convert import detect_layout
+    from .io import CheckpointReader, keystr
+
+    reader = CheckpointReader(ckpt)
+    leaves = reader.leaves()
+    try:
+        layout = detect_layout(leaves, str(reader.location)).name
+    except CkptconvError:
+        layout = "unknown"
+    rows = [
+        {
+            "path": keystr(p),
+            "shape": None if x.empty else list(x.shape),
+            "dtype": x.dtype,
+            "bytes": x.nbytes,
+        }
+        for p, x in sorted(leaves.items())
+    ]
+    total = sum(r["bytes"] for r in rows)
+    doc = {"location": str(reader.location), "layout": layout, "bytes": total, "leaves": rows}
+    lines = [f"{reader.location}: layout {layout}, {len(rows)} leaves, {total / 1e6:.2f} MB"]
+    for r in rows:
+        shape = "<empty>" if r["shape"] is None else f"{r['dtype']}{r['shape']}"
+        lines.append(f"  {r['path']}  {shape}  {r['bytes']}")
+    _emit(doc, as_json, "\n".join(lines))
+
+
+@main.command("compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--atol", type=float, default=0.0, help="Absolute tolerance (0: bit-exact).")
+@click.option("--rtol", type=float, default=0.0, help="Relative tolerance.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@user_errors
+def compare_cmd(a: str, b: str, atol: float, rtol: float, as_json: bool) -> None:
+    """Compare checkpoints A and B leaf by leaf (across layouts); exit 1 if they differ."""
+    from .convert import compare
+
+    result = compare(a, b, atol=atol, rtol=rtol)
+    bad = [d for d in result.leaves if not d.within_tolerance]
+    lines = [
+        f"{len(result.leaves)} leaves compared, {len(bad)} differ, "
+        f"{len(result.only_in_a)} only in A, {len(result.only_in_b)} only in B: "
+        + ("bit-exact" if result.bit_exact else "equal" if result.equal else "DIFFERENT")
+    ]
+    lines += [f"  differs: {d.path} max|diff|={d.max_abs_diff:g}" for d in bad]
+    lines += [f"  only in A: {p}" for p in result.only_in_a]
+    lines += [f"  only in B: {p}" for p in result.only_in_b]
+    _emit(result.to_dict(), as_json, "\n".join(lines))
+    if not result.equal:
+        sys.exit(EXIT_DIFFERENT)
+
+
+@main.command("demo")
+@click.option("--workdir", default=None, help="Keep the checkpoints here (default: a temp folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@user_errors
+def demo_cmd(workdir: str | None, as_json: bool) -> None:
+    """Train, save, convert, restore into NNX, compare logits, convert back, compare bytes."""
+    from .demo import run_demo
+
+    result = run_demo(workdir, say=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))

@@ -1,0 +1,376 @@
+"""Conversion plans, computed from checkpoint metadata alone.
+
+A :class:`Plan` lists every output leaf with the expression that produces it. It is printable
+(``--dry-run``), checkable against a target abstract NNX state before any data is written,
+and invertible: the facts needed to undo it (source layout, optimizer chain length, step
+dtype, renames, stacking axes, collections) are recorded in the output checkpoint's custom
+metadata, so ``nnx-to-linen`` returns the original tree byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from ..errors import PlanError
+from ..io.leaf import KeyPath, Leaf, keystr
+from . import rules
+from .expr import is_data_movement
+from .layouts import OutLeaf, detect_layout, get_layout
+from .tree import PARAMS, TrainTree
+
+INFO_KEY = "ckptconv"
+DEFAULT_LINEN_SCAN_AXIS = 1
+DEFAULT_NNX_SCAN_AXIS = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    """Options of a conversion, in either direction.
+
+    Attributes:
+        layout: source layout name; ``None`` detects it.
+        target_layout: for ``nnx-to-linen``: ``maxtext`` or ``flax``; ``None`` uses the
+            layout recorded at conversion time, else ``maxtext``.
+        renames: ``(regex, replacement)`` pairs applied to '/'-joined model paths.
+        scan_layers: ``True`` stacks numbered layer families, ``False`` unstacks scanned
+            ones, ``None`` keeps the source's choice (or undoes a recorded change).
+        linen_scan_axis: stacking axis of Linen params; ``None`` reads it from the recorded
+            metadata, else 1 (MaxText's ``param_scan_axis``).
+        nnx_scan_axis: stacking axis of NNX params; ``None`` reads it from the recorded
+            metadata, else 0.
+        dtype: cast floating params (and their optimizer mirrors) to this dtype.
+        params_only: keep the params only (no optimizer state, step or other collections).
+        families: names of layer families (``layers`` stacks ``layers_0``, ``layers_1``...).
+    """
+
+    layout: str | None = None
+    target_layout: str | None = None
+    renames: tuple[tuple[str, str], ...] = ()
+    scan_layers: bool | None = None
+    linen_scan_axis: int | None = None
+    nnx_scan_axis: int | None = None
+    dtype: str | None = None
+    params_only: bool = False
+    families: tuple[str, ...] = rules.DEFAULT_FAMILIES
+
+
+DEFAULT_OPTIONS = ConvertOptions()
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every output leaf of a conversion and how to compute it.
+
+    Attributes:
+        direction: ``linen-to-nnx`` or ``nnx-to-linen``.
+        source_layout: the source's layout name.
+        target_layout: the output's layout name.
+        leaves: the output leaves in write order.
+        custom_metadata: written into the output checkpoint (records how to invert).
+        source_leaves: the source's metadata.
+    """
+
+    direction: str
+    source_layout: str
+    target_layout: str
+    leaves: list[OutLeaf]
+    custom_metadata: dict
+    source_leaves: dict[KeyPath, Leaf]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data the plan writes."""
+        return sum(_nbytes(o) for o in self.leaves)
+
+    def output_leaves(self) -> dict[KeyPath, Leaf]:
+        """Returns the output's metadata, as a reader of the result would see it."""
+        return {
+            o.path: Leaf(o.path, None if o.expr is None else o.expr.shape, _dtype_of(o))
+            for o in self.leaves
+        }
+
+    def to_dict(self) -> dict:
+        """Returns a JSON-serialisable description (``--dry-run --json``)."""
+        return {
+            "direction": self.direction,
+            "source_layout": self.source_layout,
+            "target_layout": self.target_layout,
+            "bytes": self.nbytes,
+            "leaves": [
+                {
+                    "path": keystr(o.path),
+                    "shape": None if o.expr is None else list(o.expr.shape),
+                    "dtype": _dtype_of(o),
+                    "from": None if o.expr is None else o.expr.describe(),
+                    "exact": o.expr is None or is_data_movement(o.expr),
+                }
+                for o in self.leaves
+            ],
+            "custom_metadata": self.custom_metadata,
+        }
+
+    def describe(self) -> str:
+        """Returns the plan as text, one output leaf a line (``--dry-run``)."""
+        lines = [
+            f"{self.direction}: {self.source_layout} -> {self.target_layout}, "
+            f"{len(self.leaves)} leaves, {self.nbytes / 1e6:.1f} MB"
+        ]
+        for o in self.leaves:
+            if o.expr is None:
+                lines.append(f"  {keystr(o.path)}  <empty>")
+            else:
+                shape = "x".join(map(str, o.expr.shape)) or "scalar"
+                lines.append(f"  {keystr(o.path)}  {o.expr.dtype}[{shape}]  <- {o.expr.describe()}")
+        return "\n".join(lines)
+
+
+def _dtype_of(o: OutLeaf) -> str | None:
+    return None if o.expr is None else o.expr.dtype
+
+
+def _nbytes(o: OutLeaf) -> int:
+    if o.expr is None:
+        return 0
+    return Leaf(o.path, o.expr.shape, o.expr.dtype).nbytes
+
+
+def recorded_info(custom_metadata: dict | None) -> dict:
+    """Returns the ckptconv facts recorded in a checkpoint's custom metadata (or ``{}``)."""
+    if isinstance(custom_metadata, dict) and isinstance(custom_metadata.get(INFO_KEY), dict):
+        return dict(custom_metadata[INFO_KEY])
+    return {}
+
+
+def _kinds(tree: TrainTree) -> dict[str, str]:
+    return {"/".join(p): k for p, (k, _) in tree.model.items() if k != PARAMS}
+
+
+def _params_only(tree: TrainTree) -> None:
+    tree.model = {p: (k, e) for p, (k, e) in tree.model.items() if k == PARAMS}
+    tree.opt_state = None
+    tree.step = None
+
+
+def parse_source(
+    leaves: dict[KeyPath, Leaf], custom_metadata: dict | None, layout: str | None, where: str
+) -> TrainTree:
+    """Parses a checkpoint's metadata into a TrainTree with the given or detected layout."""
+    lay = get_layout(layout) if layout else detect_layout(leaves, where)
+    return lay.parse(leaves, recorded_info(custom_metadata))
+
+
+def plan_linen_to_nnx(
+    leaves: dict[KeyPath, Leaf],
+    custom_metadata: dict | None = None,
+    options: ConvertOptions = DEFAULT_OPTIONS,
+    *,
+    where: str = "source",
+) -> Plan:
+    """Plans a Linen (MaxText or Flax) -> NNX conversion from the source's metadata.
+
+    Args:
+        leaves: the source's leaves (``CheckpointReader.leaves()``).
+        custom_metadata: the source's custom metadata (MaxText records ``scan_layers``).
+        options: the conversion options.
+        where: how to name the source in errors.
+
+    Returns:
+        The plan.
+
+    Raises:
+        LayoutError: when the source is not a Linen layout.
+        PlanError: when a rule cannot be applied.
+    """
+    tree = parse_source(leaves, custom_metadata, options.layout, where)
+    src_layout = tree.info["source_layout"]
+    if src_layout == "nnx":
+        raise PlanError(f"{where}: is already an NNX checkpoint; use nnx-to-linen")
+    if options.params_only:
+        _params_only(tree)
+    mapping = rules.rename(tree, options.renames)
+    recorded = recorded_info(custom_metadata)
+    linen_axis = _pick(options.linen_scan_axis, recorded.get("linen_scan_axis"), 1)
+    nnx_axis = _pick(options.nnx_scan_axis, None, DEFAULT_NNX_SCAN_AXIS)
+    scanned = rules.is_scanned(tree, options.families)
+    change = None
+    if scanned and options.scan_layers is False:
+        rules.unscan(tree, linen_axis, options.families)
+        change = "unscanned"
+    elif scanned:
+        rules.move_scan_axis(tree, linen_axis, nnx_axis, options.families)
+    elif options.scan_layers:
+        rules.scan(tree, nnx_axis, options.families)
+        change = "scanned"
+    if options.dtype:
+        _check_dtype(options.dtype)
+        rules.cast_params(tree, options.dtype)
+    info = {
+        "source_layout": src_layout,
+        "opt_len": len(tree.opt_state) if tree.opt_state is not None else 0,
+        "kinds": _kinds(tree),
+        "linen_scan_axis": linen_axis,
+        "nnx_scan_axis": nnx_axis,
+        "scan_change": change,
+        "renames": mapping,
+        "families": list(options.families),
+    }
+    if tree.step is not None:
+        info["step_dtype"] = tree.step.dtype
+    out = get_layout("nnx").emit(tree)
+    meta = {INFO_KEY: info}
+    return Plan("linen-to-nnx", src_layout, "nnx", out, meta, leaves)
+
+
+def plan_nnx_to_linen(
+    leaves: dict[KeyPath, Leaf],
+    custom_metadata: dict | None = None,
+    options: ConvertOptions = DEFAULT_OPTIONS,
+    *,
+    where: str = "source",
+) -> Plan:
+    """Plans an NNX -> Linen conversion, undoing a recorded ``linen-to-nnx`` exactly.
+
+    Args:
+        leaves: the source's leaves.
+        custom_metadata: the source's custom metadata (holds what ``linen-to-nnx`` recorded).
+        options: the conversion options; explicit ones override the recorded facts.
+        where: how to name the source in errors.
+
+    Returns:
+        The plan.
+    """
+    tree = parse_source(leaves, custom_metadata, options.layout or "nnx", where)
+    if tree.info.get("source_layout") not in (None, "nnx", "maxtext", "flax"):
+        raise PlanError(f"{where}: unknown recorded layout {tree.info['source_layout']!r}")
+    info = recorded_info(custom_metadata)
+    target = options.target_layout or info.get("source_layout") or "maxtext"
+    lay = get_layout(target)
+    if target == "nnx":
+        raise PlanError("nnx-to-linen: the target layout must be maxtext or flax")
+    if options.params_only:
+        _params_only(tree)
+    families = tuple(info.get("families", options.families))
+    linen_axis = _pick(options.linen_scan_axis, info.get("linen_scan_axis"), 1)
+    nnx_axis = _pick(options.nnx_scan_axis, info.get("nnx_scan_axis"), DEFAULT_NNX_SCAN_AXIS)
+    scan_layers = options.scan_layers
+    if scan_layers is None and info.get("scan_change") == "scanned":
+        scan_layers = False
+    elif scan_layers is None and info.get("scan_change") == "unscanned":
+        scan_layers = True
+    if rules.is_scanned(tree, families):
+        if scan_layers is False:
+            rules.unscan(tree, nnx_axis, families)
+        else:
+            rules.move_scan_axis(tree, nnx_axis, linen_axis, families)
+    elif scan_layers:
+        rules.scan(tree, linen_axis, families)
+    inverse = {new: old for old, new in info.get("renames", {}).items()}
+    rules.apply_mapping(tree, inverse)
+    rules.rename(tree, options.renames)
+    if options.dtype:
+        _check_dtype(options.dtype)
+        rules.cast_params(tree, options.dtype)
+    if tree.step is not None:
+        tree.info["step_dtype"] = info.get("step_dtype", "int32")
+    out = lay.emit(tree)
+    meta: dict = {}
+    if target == "maxtext":
+        meta["scan_layers"] = rules.is_scanned(tree, families)
+    return Plan("nnx-to-linen", "nnx", target, out, meta, leaves)
+
+
+def _pick(explicit, recorded, default):
+    if explicit is not None:
+        return explicit
+    if recorded is not None:
+        return recorded
+    return default
+
+
+def _check_dtype(name: str) -> None:
+    from ..io.leaf import _np_dtype
+
+    try:
+        _np_dtype(name)
+    except TypeError as e:
+        raise PlanError(f"--dtype {name}: not a dtype numpy knows") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    """One difference between a plan's output and a target tree."""
+
+    path: str
+    problem: str
+    expected: str
+    found: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}: expected {self.expected}, found {self.found}"
+
+
+def check_against(
+    plan_leaves: dict[KeyPath, Leaf], target: dict[KeyPath, tuple[tuple[int, ...], str]]
+) -> list[Mismatch]:
+    """Compares a plan's output leaves with a target's ``{path: (shape, dtype)}``.
+
+    Returns:
+        Every missing, extra and mismatched leaf, sorted by path.
+    """
+    out: list[Mismatch] = []
+    for path, (shape, dtype) in target.items():
+        leaf = plan_leaves.get(path)
+        if leaf is None:
+            out.append(Mismatch(keystr(path), "missing", f"{dtype}{list(shape)}", "nothing"))
+        elif leaf.shape != tuple(shape) or leaf.dtype != dtype:
+            out.append(
+                Mismatch(
+                    keystr(path),
+                    "mismatch",
+                    f"{dtype}{list(shape)}",
+                    f"{leaf.dtype}{list(leaf.shape or ())}",
+                )
+            )
+    for path, leaf in plan_leaves.items():
+        if path not in target and not leaf.empty:
+            out.append(
+                Mismatch(keystr(path), "extra", "nothing", f"{leaf.dtype}{list(leaf.shape or ())}")
+            )
+    return sorted(out, key=lambda m: m.path)
+
+
+def abstract_tree_leaves(model) -> dict[KeyPath, tuple[tuple[int, ...], str]]:
+    """Returns the NNX checkpoint leaves a model should have: ``{path: (shape, dtype)}``.
+
+    Args:
+        model: an NNX module (concrete or from ``nnx.eval_shape``), its ``nnx.State``, or a
+            pure dict of arrays / ``jax.ShapeDtypeStruct``.
+
+    Returns:
+        Leaves keyed as Orbax writes ``{"model": nnx.state(model)}``: ``("model", ..., "value")``.
+    """
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        model = nnx.state(model)
+    if isinstance(model, nnx.State):
+        model = nnx.to_pure_dict(model)
+    out: dict[KeyPath, tuple[tuple[int, ...], str]] = {}
+
+    def walk(node, prefix: KeyPath) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*prefix, str(k)))
+        elif hasattr(node, "shape") and hasattr(node, "dtype"):
+            out[("model", *prefix, "value")] = (tuple(node.shape), np.dtype(node.dtype).name)
+
+    walk(model, ())
+    return out
+
+
+def dumps(plan: Plan) -> str:
+    """Returns the plan as a JSON document."""
+    return json.dumps(plan.to_dict(), indent=1)
