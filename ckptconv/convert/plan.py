@@ -318,7 +318,7 @@ def check_against(
     """Compares a plan's output leaves with a target's ``{path: (shape, dtype)}``.
 
     Returns:
-        Every missing, extra and mismatched leaf, sorted by path.
+        Every mismatched, missing and extra leaf, in that order, each sorted by path.
     """
     out: list[Mismatch] = []
     for path, (shape, dtype) in target.items():
@@ -339,7 +339,8 @@ def check_against(
             out.append(
                 Mismatch(keystr(path), "extra", "nothing", f"{leaf.dtype}{list(leaf.shape or ())}")
             )
-    return sorted(out, key=lambda m: m.path)
+    order = {"mismatch": 0, "missing": 1, "extra": 2}
+    return sorted(out, key=lambda m: (order[m.problem], m.path))
 
 
 def abstract_tree_leaves(model) -> dict[KeyPath, tuple[tuple[int, ...], str]]:

@@ -259,8 +259,8 @@ def test_target_check_reports_missing_extra_and_mismatch():
     problems = [str(p) for p in check_against(plan_out, target)]
     assert problems == [
         "model/a/value: mismatch: expected float32[3, 2], found float32[2, 3]",
-        "model/b/value: extra: expected nothing, found float32[2]",
         "model/c/value: missing: expected int32[1], found nothing",
+        "model/b/value: extra: expected nothing, found float32[2]",
     ]
 
 
