@@ -293,3 +293,7 @@ def demo_cmd(workdir: str | None, as_json: bool) -> None:
     result = run_demo(workdir, say=(lambda s: None) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
+
+
+if __name__ == "__main__":
+    main()
