@@ -166,8 +166,8 @@ class CheckpointWriter:
         use_zarr3: bool = True,
         custom_metadata: Any = None,
         chunk_bytes: int = 64 << 20,
-        target_data_file_size: int = 512 << 20,
-        max_inflight_bytes: int = 256 << 20,
+        target_data_file_size: int = 64 << 20,
+        max_inflight_bytes: int = 64 << 20,
     ) -> None:
         dest = Location.parse(location)
         if dest.local_path is None:
