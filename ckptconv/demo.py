@@ -121,7 +121,7 @@ def run_demo(
 
     from .models import ModelConfig
     from .models import nnx as nnx_models
-    from .restore import restore
+    from .nnx_restore import restore
 
     root = pathlib.Path(workdir).absolute()
     config = ModelConfig(**DEMO_CONFIG)

@@ -29,7 +29,9 @@ def _abstract(state, shardings=None):
     )
 
 
-def restore(path: str | os.PathLike, model, optimizer=None, *, shardings=None) -> None:
+def restore(
+    path: str | os.PathLike, model, optimizer=None, *, shardings=None, strict: bool = True
+) -> None:
     """Restores an NNX checkpoint into ``model`` (and ``optimizer``) in place.
 
     Args:
@@ -38,6 +40,9 @@ def restore(path: str | os.PathLike, model, optimizer=None, *, shardings=None) -
         optimizer: an ``nnx.Optimizer`` over ``model`` to fill from ``optimizer/...``.
         shardings: optional pytree of ``jax.sharding.Sharding`` shaped like
             ``nnx.state(model)``; each array is restored straight into that sharding.
+        strict: when False, checkpoint leaves the model does not hold (e.g. MaxText's rng
+            state, for a model without rng streams) are skipped; a leaf the model holds but
+            the checkpoint lacks, or of another shape or dtype, is always an error.
 
     Raises:
         CheckpointFormatError: when the checkpoint cannot be read.
@@ -55,9 +60,15 @@ def restore(path: str | os.PathLike, model, optimizer=None, *, shardings=None) -
     leaves = reader.leaves()
     model_leaves = {p: x for p, x in leaves.items() if p[0] == "model"}
     problems = check_against(model_leaves, abstract_tree_leaves(model))
+    if not strict:
+        problems = [p for p in problems if p.problem != "extra"]
     if problems:
         shown = "; ".join(str(p) for p in problems[:5])
-        raise PlanError(f"{reader.location}: does not match the model: {shown}")
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        hint = (
+            " (strict=False skips leaves the model lacks)" if problems[0].problem == "extra" else ""
+        )
+        raise PlanError(f"{reader.location}: does not match the model: {shown}{more}{hint}")
     target = {"model": _abstract(nnx.state(model), shardings)}
     if optimizer is not None:
         if not any(p[0] == "optimizer" for p in leaves):

@@ -1,0 +1,80 @@
+"""Converted MaxText fixtures restore into the NNX twin with plain Orbax: MaxText's logits."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ckptconv
+from ckptconv.convert import ConvertOptions, convert
+from ckptconv.errors import PlanError
+from ckptconv.models import ModelConfig
+from ckptconv.models import nnx as nnx_models
+
+
+def fixture_config(folder, **changes) -> ModelConfig:
+    config = ModelConfig.from_maxtext(json.loads((folder / "config.json").read_text()))
+    return config.replace(**changes) if changes else config
+
+
+def abstract_twin(config):
+    return nnx.eval_shape(lambda: nnx_models.Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def twin(config):
+    graphdef, state = nnx.split(abstract_twin(config))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+    return nnx.merge(graphdef, zeros)
+
+
+@jax.jit
+def _logits(graphdef, state, tokens):
+    model = nnx.merge(graphdef, state)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    return model(tokens, positions)
+
+
+def logits_of(model, tokens):
+    graphdef, state = nnx.split(model)
+    return np.asarray(_logits(graphdef, state, jnp.asarray(tokens)))
+
+
+@pytest.mark.parametrize(
+    "name,options,changes",
+    [
+        ("A", ConvertOptions(), {}),
+        ("A", ConvertOptions(params_only=True), {}),
+        ("B", ConvertOptions(scan_layers=True), {"scan_layers": True}),
+        ("B", ConvertOptions(), {}),
+    ],
+)
+def test_converted_fixture_reproduces_maxtext_logits(
+    maxtext_fixtures, tmp_path, name, options, changes
+):
+    folder = maxtext_fixtures / name
+    convert(folder / "ckpt", tmp_path / "nnx", options=options)
+    model = twin(fixture_config(folder, **changes))
+    ckptconv.restore(tmp_path / "nnx", model, strict=options.params_only)
+    ref = np.load(folder / "reference.npz")
+    logits = logits_of(model, ref["tokens"])
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-5, rtol=0)
+
+
+def test_strict_restore_names_the_extra_rng_state(maxtext_fixtures, tmp_path):
+    folder = maxtext_fixtures / "A"
+    convert(folder / "ckpt", tmp_path / "nnx")
+    with pytest.raises(PlanError, match=r"rngs/.*extra.*strict=False"):
+        ckptconv.restore(tmp_path / "nnx", twin(fixture_config(folder)))
+
+
+def test_restore_mismatch_names_the_path(maxtext_fixtures, tmp_path):
+    folder = maxtext_fixtures / "A"
+    convert(folder / "ckpt", tmp_path / "nnx", options=ConvertOptions(params_only=True))
+    wrong = twin(fixture_config(folder, nnx_scan_axis=1))
+    with pytest.raises(PlanError, match=r"model/decoder/layers/.*mismatch: expected float32\["):
+        ckptconv.restore(tmp_path / "nnx", wrong)
