@@ -1,0 +1,168 @@
+"""Flax TrainState checkpoints: training continues in NNX; batch_stats land where nnx.BatchNorm has them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import linen as nn
+from flax import nnx
+from flax.training import train_state
+
+import ckptconv
+from ckptconv.convert import compare, convert
+from ckptconv.io import CheckpointReader
+from ckptconv.models import ModelConfig
+from ckptconv.models import linen as linen_models
+from ckptconv.models import nnx as nnx_models
+
+TINY = dict(
+    emb_dim=32,
+    num_query_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    num_decoder_layers=2,
+    vocab_size=64,
+    dtype="float32",
+    weight_dtype="float32",
+    max_target_length=24,
+    max_prefill_predict_length=8,
+    scan_layers=True,
+    param_scan_axis=1,
+    nnx_scan_axis=0,
+)
+
+
+def save(path, tree):
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
+
+
+def test_training_continues_in_nnx(tmp_path):
+    config = ModelConfig(**TINY)
+    model = linen_models.Transformer(config)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 9)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    params = model.init(jax.random.key(0), inputs, positions)["params"]
+    tx = optax.adamw(1e-2)
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+    def linen_loss(p):
+        logits = model.apply({"params": p}, inputs, positions)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def linen_step(state):
+        return state.apply_gradients(grads=jax.grad(linen_loss)(state.params))
+
+    for _ in range(3):
+        state = linen_step(state)
+    save(tmp_path / "linen", state)
+    convert(tmp_path / "linen", tmp_path / "nnx")
+
+    nnx_model = nnx_models.Transformer(config, rngs=nnx.Rngs(1))
+    optimizer = nnx.Optimizer(nnx_model, tx, wrt=nnx.Param)
+    ckptconv.restore(tmp_path / "nnx", nnx_model, optimizer)
+    assert int(optimizer.step.value) == 3
+
+    @nnx.jit
+    def nnx_step(m, opt):
+        def loss(m):
+            logits = m(inputs, positions)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        opt.update(m, nnx.grad(loss)(m))
+
+    for _ in range(2):
+        state = linen_step(state)
+        nnx_step(nnx_model, optimizer)
+    got = nnx_models.to_linen_params(nnx_model)
+    flat_l = jax.tree_util.tree_leaves_with_path(state.params)
+    flat_n = dict(jax.tree_util.tree_leaves_with_path(got))
+    assert len(flat_l) == len(flat_n)
+    for path, x in flat_l:
+        np.testing.assert_allclose(
+            np.asarray(flat_n[path]),
+            np.asarray(x),
+            atol=1e-6,
+            rtol=0,
+            err_msg=jax.tree_util.keystr(path),
+        )
+
+
+class LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Dense(6)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(3)(x)
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.Dense_0 = nnx.Linear(4, 6, rngs=rngs)
+        self.BatchNorm_0 = nnx.BatchNorm(6, rngs=rngs)
+        self.Dense_1 = nnx.Linear(6, 3, rngs=rngs)
+
+
+class BNState(train_state.TrainState):
+    batch_stats: dict
+
+
+def test_flax_train_state_with_batch_stats_round_trips(tmp_path):
+    net = LinenNet()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)), jnp.float32)
+    variables = net.init(jax.random.key(0), x)
+    state = BNState.create(
+        apply_fn=net.apply,
+        params=variables["params"],
+        tx=optax.adamw(1e-2),
+        batch_stats=variables["batch_stats"],
+    )
+
+    @jax.jit
+    def step(state):
+        def loss(p):
+            y, upd = net.apply(
+                {"params": p, "batch_stats": state.batch_stats}, x, mutable=["batch_stats"]
+            )
+            return (y**2).mean(), upd
+
+        grads, upd = jax.grad(loss, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads).replace(batch_stats=upd["batch_stats"])
+
+    for _ in range(2):
+        state = step(state)
+    save(tmp_path / "linen", state)
+    result = convert(tmp_path / "linen", tmp_path / "nnx")
+    assert result.plan.source_layout == "flax"
+    leaves = CheckpointReader(tmp_path / "nnx").leaves()
+    for name in ("scale", "bias", "mean", "var"):
+        assert ("model", "BatchNorm_0", name, "value") in leaves
+
+    # the merged tree is exactly what nnx.BatchNorm holds: it restores strictly
+    model = NNXNet(nnx.Rngs(0))
+    ckptconv.restore(tmp_path / "nnx", model)
+    np.testing.assert_array_equal(
+        np.asarray(model.BatchNorm_0.mean.value),
+        np.asarray(state.batch_stats["BatchNorm_0"]["mean"]),
+    )
+    y_linen = net.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+    model.eval()
+    h = model.Dense_0(x)
+    y_nnx = model.Dense_1(model.BatchNorm_0(h))
+    np.testing.assert_array_equal(np.asarray(y_nnx), np.asarray(y_linen))
+
+    convert(tmp_path / "nnx", tmp_path / "back", direction="nnx-to-linen")
+    assert compare(tmp_path / "linen", tmp_path / "back").bit_exact
+    restored = ocp.PyTreeCheckpointer().restore(str(tmp_path / "back"))
+    np.testing.assert_array_equal(
+        np.asarray(restored["batch_stats"]["BatchNorm_0"]["var"]),
+        np.asarray(state.batch_stats["BatchNorm_0"]["var"]),
+    )
