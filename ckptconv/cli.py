@@ -295,5 +295,52 @@ def demo_cmd(workdir: str | None, as_json: bool) -> None:
         click.echo(json.dumps(result.to_dict(), indent=1))
 
 
+@main.command("annotate")
+@click.option("--model-config", "model_config", required=True, help="ModelConfig JSON/YAML file.")
+@click.option("--mesh", "mesh_spec", required=True, help="Mesh axes, e.g. data=2,tensor=4.")
+@click.option("--rules", default="maxtext", show_default=True, help="Preset name or rules file.")
+@click.option(
+    "--mode",
+    type=click.Choice(["params", "prefill", "ar"]),
+    default="params",
+    show_default=True,
+    help="Params, or the KV cache in prefill or autoregressive mode.",
+)
+@click.option(
+    "--cache-batch",
+    type=int,
+    default=None,
+    help="KV-cache rows (default: 1 for prefill, the device count for ar).",
+)
+@click.option(
+    "--replicate-indivisible",
+    is_flag=True,
+    help="Replicate dimensions not divisible by their mesh axes (each is reported).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@user_errors
+def annotate_cmd(
+    model_config, mesh_spec, rules, mode, cache_batch, replicate_indivisible, as_json
+) -> None:
+    """Print each variable's logical names, PartitionSpec and per-device shard shape."""
+    from .sharding.cli_support import annotate_model
+
+    rows, fallbacks = annotate_model(
+        model_config,
+        mesh_spec,
+        rules,
+        mode,
+        cache_batch=cache_batch,
+        replicate_indivisible=replicate_indivisible,
+    )
+    doc = {"mesh": mesh_spec, "rules": rules, "mode": mode, "rows": rows, "fallbacks": fallbacks}
+    lines = [
+        f"{r['path']}  {r['shape']}  {r['logical_names']}  {r['spec']}  -> {r['shard_shape']}"
+        for r in rows
+    ]
+    lines += [f"replicated (indivisible): {f}" for f in fallbacks]
+    _emit(doc, as_json, "\n".join(lines))
+
+
 if __name__ == "__main__":
     main()

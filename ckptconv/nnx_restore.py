@@ -1,8 +1,10 @@
 """Restoring an NNX checkpoint written by ckptconv into live NNX objects, with plain Orbax.
 
 The checkpoint is ``{"model": nnx.state(model), "optimizer": nnx.state(optimizer)}`` as
-Orbax writes ``nnx.State``; this is the snippet the README shows, with checks and errors
-that name the path. Equivalent plain Orbax::
+Orbax writes ``nnx.State`` (every leaf ends in ``value``). This module is the README's plain
+Orbax snippet plus checks whose errors name the path, and sharded restore: with a mesh and
+logical axis rules, every parameter is restored straight into its ``NamedSharding``, each
+device reading only its shard. Equivalent plain Orbax::
 
     abstract = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
     restored = ocp.StandardCheckpointer().restore(path, abstract)
@@ -13,6 +15,7 @@ that name the path. Equivalent plain Orbax::
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 
@@ -21,16 +24,76 @@ from .errors import CheckpointFormatError, PlanError
 from .io import CheckpointReader
 
 
-def _abstract(state, shardings=None):
-    if shardings is None:
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-    )
+def _target(pure: Any, shardings: Any) -> Any:
+    """Pure dict of arrays -> Orbax target: string keys, a ``value`` level, ShapeDtypeStructs."""
+    if isinstance(pure, dict):
+        return {
+            str(k): _target(v, None if shardings is None else shardings[k]) for k, v in pure.items()
+        }
+    return {"value": jax.ShapeDtypeStruct(pure.shape, pure.dtype, sharding=shardings)}
+
+
+def _values(pure: Any, restored: Any) -> Any:
+    """Restored Orbax tree -> the same structure (and key types) as ``pure``."""
+    if isinstance(pure, dict):
+        return {k: _values(v, restored[str(k)]) for k, v in pure.items()}
+    return restored["value"]
+
+
+def _fill(obj: Any, restored: Any) -> None:
+    from flax import nnx
+
+    state = nnx.state(obj)
+    pure = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, _values(pure, restored))
+    nnx.update(obj, state)
+
+
+def param_shardings(model: Any, *, mesh: Any, rules: Any = "maxtext") -> Any:
+    """Returns ``NamedSharding``s for every variable of ``model`` from its logical names.
+
+    Params use :func:`~ckptconv.sharding.param_partition_specs`; other variables (rng state,
+    caches) are replicated.
+
+    Args:
+        model: an NNX module (concrete or abstract).
+        mesh: the ``jax.sharding.Mesh``.
+        rules: a preset name, a rules file, or a ``LogicalAxisRules``.
+
+    Returns:
+        A pure-dict tree shaped like ``nnx.to_pure_dict(nnx.state(model))``.
+    """
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .sharding import LogicalAxisRules, named_shardings, param_partition_specs
+
+    if not isinstance(rules, LogicalAxisRules):
+        rules = LogicalAxisRules.load(rules)
+    if rules.mesh_axes is None:
+        # Rules that do not declare their mesh axes must name only axes of this mesh, so a
+        # typo is an error instead of a silently replicated dimension.
+        rules.validate(mesh)
+    params = named_shardings(param_partition_specs(model, rules, mesh), mesh)
+    full = nnx.to_pure_dict(nnx.state(model))
+
+    def merge(node: Any, sub: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: merge(v, None if sub is None else sub.get(k)) for k, v in node.items()}
+        return sub if sub is not None else NamedSharding(mesh, PartitionSpec())
+
+    return merge(full, params)
 
 
 def restore(
-    path: str | os.PathLike, model, optimizer=None, *, shardings=None, strict: bool = True
+    path: str | os.PathLike,
+    model: Any,
+    optimizer: Any = None,
+    *,
+    mesh: Any = None,
+    rules: Any = "maxtext",
+    shardings: Any = None,
+    strict: bool = True,
 ) -> None:
     """Restores an NNX checkpoint into ``model`` (and ``optimizer``) in place.
 
@@ -38,8 +101,11 @@ def restore(
         path: the NNX checkpoint (as written by ``ckptconv linen-to-nnx``).
         model: the NNX module to fill; its state's shapes and dtypes must match.
         optimizer: an ``nnx.Optimizer`` over ``model`` to fill from ``optimizer/...``.
-        shardings: optional pytree of ``jax.sharding.Sharding`` shaped like
-            ``nnx.state(model)``; each array is restored straight into that sharding.
+        mesh: restore the model's arrays sharded on this mesh, with shardings computed from
+            the variables' logical names and ``rules`` (each device reads only its shard).
+        rules: logical axis rules for ``mesh``: a preset name, a file, or ``LogicalAxisRules``.
+        shardings: explicit shardings instead, a pure-dict tree shaped like
+            ``nnx.to_pure_dict(nnx.state(model))``.
         strict: when False, checkpoint leaves the model does not hold (e.g. MaxText's rng
             state, for a model without rng streams) are skipped; a leaf the model holds but
             the checkpoint lacks, or of another shape or dtype, is always an error.
@@ -48,10 +114,11 @@ def restore(
         CheckpointFormatError: when the checkpoint cannot be read.
         PlanError: when the checkpoint's tree does not match the model (every missing, extra
             or mismatched path is named).
+        ShardingError: when a dimension is not divisible by its mesh axes.
 
     Example:
         >>> model = Transformer(config, rngs=nnx.Rngs(0))  # doctest: +SKIP
-        >>> ckptconv.restore("nnx_ckpt", model)  # doctest: +SKIP
+        >>> ckptconv.restore("nnx_ckpt", model, mesh=make_mesh("data=2,tensor=4"))  # doctest: +SKIP
     """
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -69,11 +136,13 @@ def restore(
             " (strict=False skips leaves the model lacks)" if problems[0].problem == "extra" else ""
         )
         raise PlanError(f"{reader.location}: does not match the model: {shown}{more}{hint}")
-    target = {"model": _abstract(nnx.state(model), shardings)}
+    if shardings is None and mesh is not None:
+        shardings = param_shardings(model, mesh=mesh, rules=rules)
+    target = {"model": _target(nnx.to_pure_dict(nnx.state(model)), shardings)}
     if optimizer is not None:
         if not any(p[0] == "optimizer" for p in leaves):
             raise PlanError(f"{reader.location}: has no optimizer state to restore")
-        target["optimizer"] = _abstract(nnx.state(optimizer))
+        target["optimizer"] = _target(nnx.to_pure_dict(nnx.state(optimizer)), None)
     args = ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -84,6 +153,6 @@ def restore(
         restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(str(location)), args=args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointFormatError(f"{reader.location}: Orbax cannot restore it: {e}") from e
-    nnx.update(model, restored["model"])
+    _fill(model, restored["model"])
     if optimizer is not None:
-        nnx.update(optimizer, restored["optimizer"])
+        _fill(optimizer, restored["optimizer"])

@@ -128,3 +128,36 @@ def test_target_mismatch(src_a, tmp_path, monkeypatch):
 def test_bad_rename(src_a, tmp_path):
     code, _, err = run("linen-to-nnx", src_a, tmp_path / "out", "--rename", "nope")
     assert_one_line_error(code, err, "REGEX=REPLACEMENT")
+
+
+def test_annotate_json_and_errors(maxtext_fixtures, tmp_path):
+    cfg = maxtext_fixtures / "A" / "config.json"
+    code, out, _ = run("annotate", "--model-config", cfg, "--mesh", "fsdp=4,tensor=2", "--json")
+    assert code == 0
+    rows = {r["path"]: r for r in json.loads(out)["rows"]}
+    q = rows["decoder/layers/self_attention/query/kernel"]
+    assert q["logical_names"] == ["layers", "embed", "q_heads", "kv"]
+    assert q["spec"] == "P(None, 'fsdp', 'tensor', None)"
+    assert q["shard_shape"] == [2, 16, 2, 16]
+    code, out, _ = run(
+        "annotate", "--model-config", cfg, "--mesh", "data=2,tensor=4", "--mode", "ar", "--json"
+    )
+    assert code == 2
+    code, _, err = run("annotate", "--model-config", cfg, "--mesh", "data=2,tensor=4")
+    assert_one_line_error(code, err, "self_attention/key/kernel", "size 2", "tensor")
+    code, out, _ = run(
+        "annotate",
+        "--model-config",
+        cfg,
+        "--mesh",
+        "data=2,tensor=4",
+        "--replicate-indivisible",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["fallbacks"]
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([["embed", "fsdpp"], ["mlp", "tensor"]]))
+    code, _, err = run(
+        "annotate", "--model-config", cfg, "--mesh", "fsdp=4,tensor=2", "--rules", rules
+    )
+    assert_one_line_error(code, err, "fsdpp")

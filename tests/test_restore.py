@@ -78,3 +78,32 @@ def test_restore_mismatch_names_the_path(maxtext_fixtures, tmp_path):
     wrong = twin(fixture_config(folder, nnx_scan_axis=1))
     with pytest.raises(PlanError, match=r"model/decoder/layers/.*mismatch: expected float32\["):
         ckptconv.restore(tmp_path / "nnx", wrong)
+
+
+def test_sharded_restore_reads_straight_into_named_shardings(maxtext_fixtures, tmp_path):
+    from ckptconv.nnx_restore import param_shardings
+    from ckptconv.sharding import make_mesh
+
+    folder = maxtext_fixtures / "A"
+    convert(folder / "ckpt", tmp_path / "nnx", options=ConvertOptions(params_only=True))
+    config = fixture_config(folder)
+    plain = twin(config)
+    ckptconv.restore(tmp_path / "nnx", plain)
+    mesh = make_mesh("fsdp=4,tensor=2")
+    sharded = twin(config)
+    ckptconv.restore(tmp_path / "nnx", sharded, mesh=mesh, rules="maxtext")
+    expected = param_shardings(sharded, mesh=mesh, rules="maxtext")
+    got = nnx.to_pure_dict(nnx.state(sharded))
+    want = nnx.to_pure_dict(nnx.state(plain))
+    flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
+    flat_exp = dict(jax.tree_util.tree_leaves_with_path(expected))
+    assert flat_got.keys() == flat_exp.keys()
+    sharded_dims = 0
+    for path, arr in flat_got.items():
+        assert arr.sharding == flat_exp[path], jax.tree_util.keystr(path)
+        sharded_dims += sum(s is not None for s in arr.sharding.spec)
+    assert sharded_dims >= 10  # the test would be vacuous if everything were replicated
+    for path, arr in jax.tree_util.tree_leaves_with_path(want):
+        np.testing.assert_array_equal(np.asarray(flat_got[path]), np.asarray(arr))
+    q = sharded.decoder.layers.self_attention.query.kernel.value
+    assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 2, 16)}

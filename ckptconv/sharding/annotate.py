@@ -178,8 +178,8 @@ def _fit(
             if not replicate_indivisible:
                 raise ShardingError(
                     f"variable {path}: dimension {dim} of size {size} is not divisible by mesh "
-                    f"axes {axes} ({parts} devices); pass replicate_indivisible=True to "
-                    "replicate it, or choose other rules or mesh"
+                    f"axes {axes} ({parts} devices); pass replicate_indivisible=True "
+                    "(--replicate-indivisible) to replicate it, or choose other rules or mesh"
                 )
             fallback = Fallback(path, dim, size, axes)
             if report is not None:

@@ -1,4 +1,4 @@
-"""Flax TrainState checkpoints: training continues in NNX; batch_stats land where nnx.BatchNorm has them."""
+"""Flax TrainState checkpoints: training continues in NNX; batch_stats land as nnx.BatchNorm's."""
 
 from __future__ import annotations
 

@@ -1,0 +1,90 @@
+"""The ``ckptconv annotate`` command's one library call: build, annotate, serialise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ShardingError
+
+
+def annotate_model(
+    model_config: str,
+    mesh_spec: str,
+    rules: str,
+    mode: str,
+    *,
+    cache_batch: int | None = None,
+    replicate_indivisible: bool = False,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Annotates the reference NNX decoder built from a config file.
+
+    Args:
+        model_config: a ``ModelConfig`` JSON or YAML file (ckptconv or MaxText names).
+        mesh_spec: e.g. ``"data=2,tensor=4"``; an abstract mesh of these sizes is used, so
+            the devices need not be present (``-1`` sizes need the real devices).
+        rules: a preset name or a rules file.
+        mode: ``params``, ``prefill`` or ``ar``.
+        cache_batch: KV-cache rows; default 1 for prefill, the device count for ``ar``.
+        replicate_indivisible: replicate indivisible dimensions instead of failing.
+
+    Returns:
+        JSON-ready rows (path, shape, logical names, spec, shard shape) and the fallbacks.
+
+    Raises:
+        ShardingError: for an unknown mesh axis, a repeated logical name or an indivisible
+            dimension (naming the path).
+    """
+    import warnings
+
+    import jax
+    from flax import nnx
+
+    from ..models import ModelConfig
+    from ..models import nnx as nnx_models
+    from .annotate import Fallback, ShardingFallbackWarning, annotation_rows
+    from .mesh import make_mesh, parse_mesh_spec
+    from .rules import LogicalAxisRules
+
+    config = ModelConfig.load(model_config)
+    # Planning needs axis sizes only: an abstract mesh lets a laptop annotate for a pod.
+    sizes = parse_mesh_spec(mesh_spec)
+    if any(v == -1 for v in sizes.values()):
+        mesh = make_mesh(mesh_spec)
+    else:
+        mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    axis_rules = LogicalAxisRules.load(rules)
+    if axis_rules.mesh_axes is None:
+        axis_rules.validate(mesh)
+    model_mode = {"params": "prefill", "prefill": "prefill", "ar": "autoregressive"}[mode]
+    if cache_batch is None:
+        cache_batch = jax.device_count() if mode == "ar" else 1
+    if cache_batch < 1:
+        raise ShardingError(f"--cache-batch {cache_batch}: expected a positive row count")
+    model = nnx.eval_shape(
+        lambda: nnx_models.Transformer(
+            config, rngs=nnx.Rngs(0), model_mode=model_mode, cache_batch=cache_batch
+        )
+    )
+    report: list[Fallback] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardingFallbackWarning)
+        rows = annotation_rows(
+            model,
+            axis_rules,
+            mesh,
+            mode,
+            replicate_indivisible=replicate_indivisible,
+            report=report,
+        )
+    out = [
+        {
+            "path": r["path"],
+            "shape": list(r["shape"]),
+            "logical_names": None if r["logical_names"] is None else list(r["logical_names"]),
+            "spec": str(r["spec"]),
+            "shard_shape": list(r["shard_shape"]),
+        }
+        for r in rows
+    ]
+    fallbacks = [f"{f.path} dim {f.dim} (size {f.size}) over {list(f.axes)}" for f in report]
+    return out, fallbacks
