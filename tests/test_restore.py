@@ -107,3 +107,30 @@ def test_sharded_restore_reads_straight_into_named_shardings(maxtext_fixtures, t
         np.testing.assert_array_equal(np.asarray(flat_got[path]), np.asarray(arr))
     q = sharded.decoder.layers.self_attention.query.kernel.value
     assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 2, 16)}
+
+
+def test_readme_plain_orbax_snippet(tmp_path):
+    """The README's plain-Orbax restore works on ckptconv's output (no ckptconv involved)."""
+    import optax
+    import orbax.checkpoint as ocp
+
+    from ckptconv.demo import DEMO_CONFIG, _train_linen
+
+    config = ModelConfig(**{**DEMO_CONFIG, "num_decoder_layers": 1})
+    _, state, tokens, positions = _train_linen(config, steps=1)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "linen", state)
+    ckptr.wait_until_finished()
+    convert(tmp_path / "linen", tmp_path / "nnx")
+
+    model = nnx_models.Transformer(config, rngs=nnx.Rngs(5))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    abstract = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    restored = ocp.StandardCheckpointer().restore(str(tmp_path / "nnx"), abstract)
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    assert int(optimizer.step.value) == 1
+    np.testing.assert_array_equal(
+        np.asarray(model.token_embedder.embedding.value),
+        np.asarray(state.params["token_embedder"]["embedding"]),
+    )
