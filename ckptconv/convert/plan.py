@@ -194,16 +194,7 @@ def plan_linen_to_nnx(
     recorded = recorded_info(custom_metadata)
     linen_axis = _pick(options.linen_scan_axis, recorded.get("linen_scan_axis"), 1)
     nnx_axis = _pick(options.nnx_scan_axis, None, DEFAULT_NNX_SCAN_AXIS)
-    scanned = rules.is_scanned(tree, options.families)
-    change = None
-    if scanned and options.scan_layers is False:
-        rules.unscan(tree, linen_axis, options.families)
-        change = "unscanned"
-    elif scanned:
-        rules.move_scan_axis(tree, linen_axis, nnx_axis, options.families)
-    elif options.scan_layers:
-        rules.scan(tree, nnx_axis, options.families)
-        change = "scanned"
+    change = _restack(tree, options.scan_layers, linen_axis, nnx_axis, options.families)
     if options.dtype:
         _check_dtype(options.dtype)
         rules.cast_params(tree, options.dtype)
@@ -260,13 +251,7 @@ def plan_nnx_to_linen(
         scan_layers = False
     elif scan_layers is None and info.get("scan_change") == "unscanned":
         scan_layers = True
-    if rules.is_scanned(tree, families):
-        if scan_layers is False:
-            rules.unscan(tree, nnx_axis, families)
-        else:
-            rules.move_scan_axis(tree, nnx_axis, linen_axis, families)
-    elif scan_layers:
-        rules.scan(tree, linen_axis, families)
+    _restack(tree, scan_layers, nnx_axis, linen_axis, families)
     inverse = {new: old for old, new in info.get("renames", {}).items()}
     rules.apply_mapping(tree, inverse)
     rules.rename(tree, options.renames)
@@ -280,6 +265,27 @@ def plan_nnx_to_linen(
     if target == "maxtext":
         meta["scan_layers"] = rules.is_scanned(tree, families)
     return Plan("nnx-to-linen", "nnx", target, out, meta, leaves)
+
+
+def _restack(
+    tree: TrainTree, scan_layers: bool | None, src_axis: int, dst_axis: int, families
+) -> str | None:
+    """Keeps, splits or builds layer stacks; returns ``"scanned"``/``"unscanned"`` or None.
+
+    A scanned source keeps its stacks (moving the params' axis ``src_axis -> dst_axis``)
+    unless ``scan_layers`` is False; an unscanned one is stacked at ``dst_axis`` when
+    ``scan_layers`` is True.
+    """
+    if rules.is_scanned(tree, families):
+        if scan_layers is False:
+            rules.unscan(tree, src_axis, families)
+            return "unscanned"
+        rules.move_scan_axis(tree, src_axis, dst_axis, families)
+        return None
+    if scan_layers:
+        rules.scan(tree, dst_axis, families)
+        return "scanned"
+    return None
 
 
 def _pick(explicit, recorded, default):
