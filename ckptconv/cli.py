@@ -342,5 +342,97 @@ def annotate_cmd(
     _emit(doc, as_json, "\n".join(lines))
 
 
+@main.command("decode")
+@click.argument("ckpt")
+@click.option("--model-config", "model_config", required=True, help="ModelConfig JSON/YAML file.")
+@click.option("--prompt-ids", "prompt_ids", required=True, help="Token ids, e.g. 1,7,42.")
+@click.option(
+    "--max-new-tokens", type=int, default=8, show_default=True, help="Tokens to generate."
+)
+@click.option("--mesh", "mesh_spec", default=None, help="Mesh axes, e.g. data=2,tensor=4.")
+@click.option(
+    "--sampler",
+    default="greedy",
+    show_default=True,
+    help="greedy, temperature, topk:K or topp:P.",
+)
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (1.0).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samplers.")
+@click.option(
+    "--logits-out",
+    "logits_out",
+    default=None,
+    help="Save float32 logits [N, vocab] to this .npy file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@user_errors
+def decode_cmd(
+    ckpt,
+    model_config,
+    prompt_ids,
+    max_new_tokens,
+    mesh_spec,
+    sampler,
+    temperature,
+    seed,
+    logits_out,
+    as_json,
+) -> None:
+    """Decode a prompt from CKPT (NNX, or Linen converted in memory) with the NNX engine."""
+    from .engine import decode_checkpoint, parse_prompt_ids, parse_sampler
+    from .models import ModelConfig
+
+    result = decode_checkpoint(
+        ckpt,
+        ModelConfig.load(model_config),
+        parse_prompt_ids(prompt_ids),
+        max_new_tokens=max_new_tokens,
+        mesh=mesh_spec,
+        sampler=parse_sampler(sampler, temperature),
+        seed=seed,
+    )
+    if logits_out:
+        result.save_logits(logits_out)
+    doc = {**result.to_dict(), "logits_out": logits_out}
+    _emit(doc, as_json, " ".join(str(t) for t in result.generated_ids))
+
+
+@main.command("verify")
+@click.argument("linen_ckpt")
+@click.argument("nnx_ckpt")
+@click.option("--model-config", "model_config", required=True, help="ModelConfig JSON/YAML file.")
+@click.option("--prompt-ids", "prompt_ids", default=None, help="Token ids (default: 8 fixed).")
+@click.option(
+    "--max-new-tokens", type=int, default=8, show_default=True, help="Greedy steps to compare."
+)
+@click.option("--atol", type=float, default=None, help="Logit tolerance (default 1e-4).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@user_errors
+def verify_cmd(linen_ckpt, nnx_ckpt, model_config, prompt_ids, max_new_tokens, atol, as_json):
+    """Decode greedily from LINEN_CKPT and NNX_CKPT; exit 1 if they differ."""
+    from .engine import parse_prompt_ids, verify
+    from .models import ModelConfig
+
+    result = verify(
+        linen_ckpt,
+        nnx_ckpt,
+        ModelConfig.load(model_config),
+        prompt_ids=None if prompt_ids is None else parse_prompt_ids(prompt_ids),
+        max_new_tokens=max_new_tokens,
+        **({} if atol is None else {"atol": atol}),
+    )
+    lines = [
+        f"step {i}: linen {a} engine {b} max|diff|={d:.3g}"
+        for i, (a, b, d) in enumerate(
+            zip(result.linen_ids, result.engine_ids, result.max_abs_diff, strict=True)
+        )
+    ]
+    verdict = "agree" if result.ok else "DIFFERENT"
+    lines.append(f"{verdict}: tokens agree={result.tokens_agree}, atol={result.atol:g}")
+    _emit(result.to_dict(), as_json, "\n".join(lines))
+    if not result.ok:
+        sys.exit(EXIT_DIFFERENT)
+
+
 if __name__ == "__main__":
     main()

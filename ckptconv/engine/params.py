@@ -1,0 +1,243 @@
+"""Loading parameters for the engine, sharded, from a checkpoint or from memory.
+
+Sources, all checked against the abstract NNX model before any array is placed:
+
+- an NNX checkpoint written by ``ckptconv linen-to-nnx``: restored with Orbax straight into the
+  parameter shardings (:func:`ckptconv.restore`); leaves the model does not hold (such
+  as MaxText's RNG state) are skipped;
+- a Linen checkpoint (MaxText or Flax ``TrainState``): converted in memory, one leaf at a time,
+  by the same plan ``ckptconv linen-to-nnx`` executes (nothing is written to disk);
+- an ``nnx.State`` or ``nnx.Module`` holding ``nnx.Param`` variables;
+- a Linen ``params`` tree (a mapping, optionally wrapped in ``{"params": ...}``), whose stacked
+  layer axis is at ``param_scan_axis``.
+
+The helpers :func:`state_like` and :func:`sharding_state` build trees shaped exactly like an
+``nnx.State`` (same variables and metadata), which is what ``jax.jit``'s ``out_shardings`` and
+Orbax's restore targets need.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ..errors import CkptconvError, LayoutError, PlanError
+from ..models import ModelConfig, from_linen_params, linen
+from ..models import nnx as mnnx
+
+Path = tuple[str, ...]
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _names(keypath: tuple[Any, ...]) -> Path:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+
+
+def state_like(state: Any, fn: Callable[[Path, nnx.Variable], Any]) -> Any:
+    """A copy of an ``nnx.State`` whose variables hold ``fn(path, variable)`` as their value.
+
+    Args:
+        state: The state (its variables may hold arrays or ``ShapeDtypeStruct``).
+        fn: Called with the variable's path (a tuple of names, as in ``nnx.to_pure_dict``)
+            and the variable.
+
+    Returns:
+        A state with the same structure and variable metadata.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s = nnx.State({"w": nnx.Param(jnp.zeros(2))})
+        >>> state_like(s, lambda path, v: path)["w"].get_value()
+        ('w',)
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, var: var.replace(fn(_names(kp), var)), state, is_leaf=_is_variable
+    )
+
+
+def variables_by_path(state: Any) -> dict[Path, nnx.Variable]:
+    """The variables of an ``nnx.State`` keyed by their path."""
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
+    return {_names(kp): var for kp, var in flat}
+
+
+def lookup(tree: Mapping[str, Any], path: Path) -> Any:
+    """The leaf of a nested dict at ``path``."""
+    node: Any = tree
+    for key in path:
+        node = node[key]
+    return node
+
+
+def sharding_state(state: Any, specs: Mapping[str, Any], mesh: Mesh) -> Any:
+    """An ``nnx.State``-shaped tree of ``NamedSharding`` from a pure-dict tree of specs.
+
+    Args:
+        state: The (abstract) state.
+        specs: ``PartitionSpec`` per leaf, shaped like ``nnx.to_pure_dict(state)`` (what
+            :func:`ckptconv.sharding.param_partition_specs` and the cache functions return).
+        mesh: The mesh.
+
+    Returns:
+        The shardings, usable as ``out_shardings`` or as a restore target.
+    """
+    return state_like(state, lambda path, _: NamedSharding(mesh, lookup(specs, path)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def abstract_model(config: ModelConfig, **kwargs: Any) -> mnnx.Transformer:
+    """The NNX ``Transformer`` traced abstractly (``nnx.eval_shape``): shapes, no arrays."""
+    return nnx.eval_shape(lambda: mnnx.Transformer(config, rngs=nnx.Rngs(0), **kwargs))
+
+
+def _check_tree(expected: Any, got: Any, where: str) -> None:
+    want = {p: v.get_value() for p, v in variables_by_path(expected).items()}
+    have = {p: v.get_value() for p, v in variables_by_path(got).items()}
+    for path in sorted(want.keys() - have.keys()):
+        raise LayoutError(f"{where}: lacks param {'/'.join(path)} that the model has")
+    for path in sorted(have.keys() - want.keys()):
+        raise LayoutError(f"{where}: has param {'/'.join(path)} that the model lacks")
+    for path, leaf in sorted(want.items()):
+        other = have[path]
+        if tuple(other.shape) != tuple(leaf.shape) or other.dtype != leaf.dtype:
+            raise LayoutError(
+                f"{where}: param {'/'.join(path)} is {other.dtype}{list(other.shape)} but the "
+                f"model expects {leaf.dtype}{list(leaf.shape)}"
+            )
+
+
+def linen_shapes(config: ModelConfig) -> dict[Path, Any]:
+    """The Linen model's params as ``{path: ShapeDtypeStruct}`` (traced, nothing computed)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = linen.Transformer(config).init
+    shapes = jax.eval_shape(init, jax.random.key(0), tokens, tokens)["params"]
+    return traverse_util.flatten_dict(dict(shapes))
+
+
+def check_linen_params(want: Mapping[Path, Any], tree: Mapping[Any, Any], where: str) -> None:
+    """Checks a Linen params tree (or ``{path: leaf}``) against the Linen model's shapes.
+
+    Raises:
+        LayoutError: A param is missing, extra, or of another shape or dtype (naming it).
+    """
+    have = tree if all(isinstance(k, tuple) for k in tree) else traverse_util.flatten_dict(tree)
+    for p in sorted(want.keys() - have.keys()):
+        raise LayoutError(f"{where}: lacks param {'/'.join(p)} that the model config has")
+    for p in sorted(have.keys() - want.keys()):
+        raise LayoutError(f"{where}: has param {'/'.join(map(str, p))} that the config lacks")
+    for p, s in sorted(want.items()):
+        leaf = have[p]
+        if tuple(leaf.shape) != tuple(s.shape) or np.dtype(leaf.dtype) != np.dtype(s.dtype):
+            raise LayoutError(
+                f"{where}: param {'/'.join(p)} is {np.dtype(leaf.dtype).name}"
+                f"{list(leaf.shape)} but the model config needs {np.dtype(s.dtype).name}"
+                f"{list(s.shape)}"
+            )
+
+
+def _place(abstract: Any, values: Any, shardings: Any) -> Any:
+    """``values`` (a state of the same variables) placed with ``shardings``."""
+    by_path = {p: v.get_value() for p, v in variables_by_path(values).items()}
+    placement = {p: v.get_value() for p, v in variables_by_path(shardings).items()}
+    return state_like(abstract, lambda path, _: jax.device_put(by_path[path], placement[path]))
+
+
+def _from_nnx_checkpoint(path: str, config: ModelConfig, shardings: Any) -> Any:
+    from .. import restore  # the public ``ckptconv.restore`` function
+
+    model = abstract_model(config)
+    # A train-mode model holds only the params; its pure dict is the shardings' shape.
+    restore(path, model, shardings=nnx.to_pure_dict(shardings), strict=False)
+    return nnx.state(model, nnx.Param)
+
+
+def _from_linen_checkpoint(reader: Any, config: ModelConfig, abstract: Any, shardings: Any) -> Any:
+    from ..convert import ConvertOptions, abstract_tree_leaves, check_against, plan_linen_to_nnx
+    from ..convert.expr import evaluate
+
+    options = ConvertOptions(
+        params_only=True,
+        scan_layers=config.scan_layers,
+        linen_scan_axis=config.param_scan_axis,
+        nnx_scan_axis=config.nnx_scan_axis,
+    )
+    where = str(reader.location)
+    plan = plan_linen_to_nnx(reader.leaves(), reader.custom_metadata, options, where=where)
+    target = abstract_tree_leaves(nnx.to_pure_dict(abstract))
+    problems = [p for p in check_against(plan.output_leaves(), target) if p.problem != "extra"]
+    if problems:
+        shown = "; ".join(str(p) for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise PlanError(f"{where}: does not match the model config: {shown}{more}")
+    exprs = {out.path: out.expr for out in plan.leaves if out.path in target}
+    placement = {p: v.get_value() for p, v in variables_by_path(shardings).items()}
+    return state_like(
+        abstract,
+        lambda path, _: jax.device_put(
+            evaluate(exprs[("model", *path, "value")], reader.read), placement[path]
+        ),
+    )
+
+
+def load_params(
+    source: str | os.PathLike | Any, *, config: ModelConfig, abstract: Any, shardings: Any
+) -> Any:
+    """Loads parameters from any supported source (see module) into ``shardings``.
+
+    Args:
+        source: A checkpoint path, an ``nnx.State`` / ``nnx.Module``, or a Linen params tree.
+        config: The model config.
+        abstract: The abstract ``nnx.Param`` state of the model.
+        shardings: A tree of ``NamedSharding`` shaped like ``abstract``.
+
+    Returns:
+        The ``nnx.Param`` state, every array placed with its sharding.
+
+    Raises:
+        CheckpointFormatError: The checkpoint cannot be read.
+        PlanError: The checkpoint does not match the config (the message names the path and
+            the mismatched leaves).
+        LayoutError: An in-memory tree does not match the model.
+    """
+    if isinstance(source, str | os.PathLike):
+        from ..convert import detect_layout
+        from ..io import CheckpointReader
+
+        reader = CheckpointReader(source)
+        try:
+            layout = detect_layout(reader.leaves(), str(reader.location)).name
+        except CkptconvError as e:
+            raise PlanError(f"{reader.location}: not a checkpoint ckptconv can decode: {e}") from e
+        if layout == "nnx":
+            return _from_nnx_checkpoint(os.fspath(source), config, shardings)
+        return _from_linen_checkpoint(reader, config, abstract, shardings)
+    if isinstance(source, nnx.Module):
+        source = nnx.state(source, nnx.Param)
+    if isinstance(source, nnx.State):
+        values = nnx.filter_state(source, nnx.Param)
+        _check_tree(abstract, values, "NNX params")
+        return _place(abstract, values, shardings)
+    if isinstance(source, Mapping):
+        if set(source) == {"params"}:
+            source = source["params"]
+        check_linen_params(linen_shapes(config), source, "Linen params")
+        values = nnx.state(from_linen_params(config, source), nnx.Param)
+        return _place(abstract, values, shardings)
+    raise LayoutError(
+        f"cannot load params from a {type(source).__name__}: expected a checkpoint path, an "
+        "nnx.State, an nnx.Module or a Linen params mapping"
+    )
