@@ -296,6 +296,9 @@ def _move_stacked(tree: Any, config: ModelConfig, source: int, destination: int)
     """Move the layer axis of every array under ``decoder/layers`` (no-op when equal/unscanned)."""
     if not config.scan_layers or source == destination:
         return tree
+    if not isinstance(tree.get("decoder"), Mapping) or "layers" not in tree["decoder"]:
+        # Not the scanned layout the config expects: _check_same_tree names the difference.
+        return tree
     out = dict(tree)
     decoder = dict(out["decoder"])
     decoder["layers"] = jax.tree.map(

@@ -304,3 +304,12 @@ def test_kv_cache_needs_room_for_decoding(tiny_config):
     _abstract(config)  # train mode has no cache: fine
     with pytest.raises(ConfigError, match="max_target_length"):
         _abstract(config, model_mode="prefill")
+
+
+def test_unscanned_tree_into_scanned_model_names_the_path(tiny_config, random_linen_params):
+    from ckptconv.errors import LayoutError
+    from ckptconv.models import from_linen_params
+
+    unscanned = random_linen_params(tiny_config(scan_layers=False))
+    with pytest.raises(LayoutError, match="layers"):
+        from_linen_params(tiny_config(scan_layers=True), unscanned)
