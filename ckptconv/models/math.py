@@ -231,18 +231,15 @@ def _prefill_update(
 def _autoregressive_update(cache: Cache, k: jax.Array, v: jax.Array) -> Cache:
     """Write one token per row at that row's ``cache_ar_index`` and advance the index."""
     index = cache["cache_ar_index"]
-    length = cache["cached_ar_key"].shape[1]
-    # A one-hot select instead of a scatter: per-row positions, no out-of-range writes.
-    hot = jnp.arange(length, dtype=jnp.int32)[None, :] == index[:, None]
-    hot4 = hot[:, :, None, None]
+    rows = jnp.arange(index.shape[0])
+    # A per-row scatter: each row writes at its own index; an index past the end writes
+    # nothing (mode="drop"), and XLA updates a donated cache in place.
     new = dict(cache)
-    new["cached_ar_key"] = jnp.where(
-        hot4, k.astype(cache["cached_ar_key"].dtype), cache["cached_ar_key"]
+    for name, x in (("cached_ar_key", k), ("cached_ar_value", v)):
+        new[name] = cache[name].at[rows, index].set(x[:, 0].astype(cache[name].dtype), mode="drop")
+    new["cache_ar_segment_id"] = (
+        cache["cache_ar_segment_id"].at[rows, index].set(jnp.int32(1), mode="drop")
     )
-    new["cached_ar_value"] = jnp.where(
-        hot4, v.astype(cache["cached_ar_value"].dtype), cache["cached_ar_value"]
-    )
-    new["cache_ar_segment_id"] = jnp.where(hot, jnp.int32(1), cache["cache_ar_segment_id"])
     new["cache_ar_index"] = index + 1
     new["cached_ar_lengths"] = cache["cached_ar_lengths"] + 1
     return new
