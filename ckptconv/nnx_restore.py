@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
-
 from .convert.plan import abstract_tree_leaves, check_against
 from .errors import CheckpointFormatError, PlanError
 from .io import CheckpointReader
@@ -26,6 +24,8 @@ from .io import CheckpointReader
 
 def _target(pure: Any, shardings: Any) -> Any:
     """Pure dict of arrays -> Orbax target: string keys, a ``value`` level, ShapeDtypeStructs."""
+    import jax  # JAX loads only when restoring: conversions need TensorStore alone.
+
     if isinstance(pure, dict):
         return {
             str(k): _target(v, None if shardings is None else shardings[k]) for k, v in pure.items()

@@ -25,7 +25,7 @@ import collections
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import CheckpointWriteError
@@ -52,6 +52,40 @@ def sort_key(path: KeyPath, key_types: tuple[int, ...]) -> tuple:
         (0, int(k), "") if t == fmt.KEY_TYPE_SEQUENCE else (1, 0, k)
         for k, t in zip(path, key_types, strict=True)
     )
+
+
+def check_key_path(
+    path: Sequence[str], key_types: Sequence[int] | None
+) -> tuple[KeyPath, tuple[int, ...]]:
+    """Checks a leaf's key path and key types; returns them as tuples.
+
+    Key types default to dict keys; a list index (key type 1) must be a decimal index.
+
+    Raises:
+        CheckpointWriteError: the path is not a non-empty tuple of strings, or a key type is
+            not 1 or 2 or does not fit its key.
+    """
+    if isinstance(path, str) or not all(isinstance(k, str) for k in path):
+        raise CheckpointWriteError(f"{path!r}: expected a key path, a tuple of strings")
+    path = tuple(path)
+    if not path:
+        raise CheckpointWriteError("the empty key path cannot hold a leaf")
+    types = tuple(key_types) if key_types is not None else (fmt.KEY_TYPE_DICT,) * len(path)
+    if len(types) != len(path):
+        raise CheckpointWriteError(
+            f"{keystr(path)}: expected {len(path)} key types, found {len(types)}"
+        )
+    for key, kind in zip(path, types, strict=True):
+        if kind not in (fmt.KEY_TYPE_SEQUENCE, fmt.KEY_TYPE_DICT):
+            raise CheckpointWriteError(
+                f"{keystr(path)}: key type {kind!r} of {key!r}: expected 1 (list index) "
+                "or 2 (dict key)"
+            )
+        if kind == fmt.KEY_TYPE_SEQUENCE and not (key.isdigit() and str(int(key)) == key):
+            raise CheckpointWriteError(
+                f"{keystr(path)}: {key!r} has key type 1 (list index) but is not an index"
+            )
+    return path, types
 
 
 def check_tree(key_types: Mapping[KeyPath, tuple[int, ...]]) -> None:
@@ -104,7 +138,7 @@ def write_item_metadata(
     Args:
         folder: the item folder (the writer's temporary folder).
         leaves: per path, ``key_types`` and ``value_type``; arrays also ``chunk``,
-            ``sharding`` and ``ext_metadata``.
+            ``sharding``, ``ext_metadata`` and optionally ``write_shape`` (default: ``chunk``).
         use_zarr3: recorded in ``_METADATA``.
         custom_metadata: recorded in ``_METADATA`` and ``_CHECKPOINT_METADATA``.
         init_timestamp_ns: when writing started.
@@ -123,12 +157,14 @@ def write_item_metadata(
                 "skip_deserialize": True,
             }
         else:
-            # Orbax's write_shape is the shape of one written shard: here the outer chunk.
-            # The global shape lives in the zarr metadata.
+            # Orbax's write_shape is the shape of one written shard: the outer chunk, or the
+            # source's (permuted) write_shape for a copied array. The global shape lives in
+            # the zarr metadata.
+            write_shape = list(leaf.get("write_shape") or leaf["chunk"])
             value_metadata = {
                 "value_type": "jax.Array",
                 "skip_deserialize": False,
-                "write_shape": list(leaf["chunk"]),
+                "write_shape": write_shape,
             }
             name = fmt.array_key(path)
             sharding[base64.urlsafe_b64encode(name.encode()).decode()] = json.dumps(
@@ -138,7 +174,7 @@ def write_item_metadata(
                 {
                     "array_metadata": {
                         "param_name": name,
-                        "write_shape": list(leaf["chunk"]),
+                        "write_shape": write_shape,
                         "chunk_shape": list(leaf["chunk"]),
                         "ext_metadata": leaf["ext_metadata"],
                     }

@@ -2,8 +2,12 @@
 
 :class:`CheckpointReader` learns every key, shape and dtype from ``_METADATA`` and the zarr
 metadata documents inside the OCDBT store, without decoding any array, and opens arrays only
-when asked. It reads what Orbax >= 0.12 writes with ``use_ocdbt=True`` (zarr2 or zarr3); the
-older per-array folder layout and msgpack checkpoints are refused with a clear message.
+when asked. For copying arrays without decoding them it also lists an array's stored chunk
+keys and walks the OCDBT B-tree (which files hold what). Shapes are the zarr metadata's, so
+an array stored with a ``transpose`` codec reads with its logical (permuted) shape.
+
+It reads what Orbax >= 0.12 writes with ``use_ocdbt=True`` (zarr2 or zarr3); the older
+per-array folder layout and msgpack checkpoints are refused with a clear message.
 
 Limits: a chunk whose compressed bytes are garbled in a way that still decodes (Orbax writes
 zstd frames without checksums) cannot be detected; truncated or missing data is.
@@ -20,8 +24,9 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from ..errors import CheckpointFormatError, IncompleteCheckpointError, LayoutError
+from ..errors import CheckpointFormatError, LayoutError
 from . import _format as fmt
+from . import _item, _ocdbt
 from .leaf import KeyPath, Leaf, keystr
 from .location import Location
 
@@ -48,10 +53,10 @@ class CheckpointReader:
     """
 
     def __init__(self, location: str | os.PathLike[str] | Location) -> None:
-        self._location = _resolve_item(Location.parse(location))
-        self._metadata = _load_metadata(self._location)
+        self._location = _item.resolve_item(Location.parse(location))
+        self._metadata = _item.load_metadata(self._location)
         self._use_zarr3 = bool(self._metadata.get("use_zarr3", False))
-        self._entries = _parse_tree_metadata(self._location, self._metadata["tree_metadata"])
+        self._entries = _item.parse_tree_metadata(self._location, self._metadata["tree_metadata"])
         self._lock = threading.RLock()
         self._context: ts.Context | None = None
         self._kvstore: ts.KvStore | None = None
@@ -60,6 +65,7 @@ class CheckpointReader:
         self._stores: dict[KeyPath, ts.TensorStore] = {}
         self._custom_metadata: Any = None
         self._ext_metadata: dict[str, Any] | None = None
+        self._contents: _ocdbt.Contents | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self._location)!r})"
@@ -160,6 +166,94 @@ class CheckpointReader:
         if self._ext_metadata is None:
             self._ext_metadata = self._load_ext_metadata()
         return self._ext_metadata.get(fmt.array_key(tuple(path)))
+
+    def chunk_shape(self, path: KeyPath) -> tuple[int, ...]:
+        """Returns the array's stored chunk shape, in the array's own axis order.
+
+        For zarr3 this is the outer chunk grid (one shard when a ``sharding_indexed`` codec is
+        used): reading any element of a chunk decodes that chunk, or its inner chunk.
+
+        Raises:
+            LayoutError: ``path`` is not an array leaf of this checkpoint.
+            CheckpointFormatError: the zarr metadata has no chunk shape.
+        """
+        doc = self.zarr_metadata(path)
+        try:
+            if self._use_zarr3:
+                chunk = doc["chunk_grid"]["configuration"]["chunk_shape"]
+            else:
+                chunk = doc["chunks"]
+            return tuple(int(c) for c in chunk)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(
+                f"{self._location}: array {keystr(tuple(path))} has no valid chunk shape in its "
+                f"zarr metadata ({fmt.one_line(e)})"
+            ) from e
+
+    def write_shape(self, path: KeyPath) -> tuple[int, ...] | None:
+        """Returns the ``write_shape`` recorded in ``_METADATA`` (one written shard), if any."""
+        shape = self._entry(path).get("write_shape")
+        return None if shape is None else tuple(int(d) for d in shape)
+
+    def ocdbt_contents(self) -> _ocdbt.Contents:
+        """Returns what the latest version of the item's OCDBT database refers to.
+
+        Walks the B-tree once (cached): the files it refers to, and each key's stored bytes.
+
+        Raises:
+            CheckpointFormatError: the database cannot be walked.
+        """
+        with self._lock:
+            if self._contents is None:
+                try:
+                    self._contents = _ocdbt.inspect(self._location)
+                except Exception as e:
+                    raise CheckpointFormatError(
+                        f"{self._location}: cannot walk the OCDBT B-tree: {fmt.one_line(e)}"
+                    ) from e
+            return self._contents
+
+    def check_data_files(self) -> None:
+        """Checks that every file the OCDBT B-tree refers to exists and is long enough.
+
+        This catches missing and truncated data files without reading any of them; it does
+        not catch garbled bytes of the right length.
+
+        Raises:
+            CheckpointFormatError: naming each missing or truncated file.
+        """
+        folder = self._location.local_path
+        if folder is None:
+            return
+        problems = _ocdbt.damaged_files(folder, self.ocdbt_contents())
+        if problems:
+            shown = "; ".join(problems[:4]) + (
+                f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+            )
+            raise CheckpointFormatError(f"{self._location}: data files are damaged: {shown}")
+
+    def chunk_keys(self, path: KeyPath) -> list[str]:
+        """Lists the stored chunk keys of an array, relative to its key prefix, sorted.
+
+        The zarr metadata document is not included. Orbax stores every chunk, so these are
+        all the chunks of the array's grid.
+
+        Raises:
+            LayoutError: ``path`` is not an array leaf of this checkpoint.
+            CheckpointFormatError: the OCDBT store cannot be listed.
+        """
+        path = tuple(path)
+        self._array_leaf(path)
+        key = fmt.array_key(path)
+        doc = fmt.zarr_metadata_key(path, self._use_zarr3)[len(key) + 1 :]
+        try:
+            keys = (self.kvstore / f"{key}/").list().result()
+        except Exception as e:
+            raise CheckpointFormatError(
+                f"{self._location}: cannot list the chunks of array {keystr(path)} (OCDBT key "
+                f"{key!r}): {fmt.one_line(e)}"
+            ) from e
+        return sorted(k.decode() for k in keys if k.decode() != doc)
 
     def open(self, path: KeyPath) -> ts.TensorStore:
         """Opens one array lazily; no chunk is read until the store is indexed and read.
@@ -327,7 +421,7 @@ class CheckpointReader:
 
     def _find_custom_metadata(self) -> Any:
         candidates = [self._location.join(fmt.CHECKPOINT_METADATA_FILE)]
-        if self._location.name in fmt.STEP_ITEM_NAMES or _is_step_name(self._location.parent):
+        if self._location.name in fmt.STEP_ITEM_NAMES or _item.is_step_name(self._location.parent):
             candidates.append(self._location.parent.join(fmt.CHECKPOINT_METADATA_FILE))
         for candidate in candidates:
             try:
@@ -347,189 +441,12 @@ class CheckpointReader:
 def _data_files(location: Location, key: str) -> list[str]:
     """Best effort: the data files (relative to the item) that hold the chunks of ``key``.
 
-    Walks the OCDBT B-tree with ``ts.ocdbt.dump``; used only to name the file in an error
-    message, so any failure gives an empty list.
+    Walks the OCDBT B-tree afresh; used only to name the file in an error message, so any
+    failure gives an empty list.
     """
-    prefix = key + "/"
-    files: set[str] = set()
+    prefix = (key + "/").encode()
     try:
-        context = location.ts_context()
-        base = ts.KvStore.open(location.kvstore_spec(), context=context).result()
-        manifest = ts.ocdbt.dump(base, context=context).result()
-        todo = [(manifest["versions"][-1]["root"]["location"], "")]
-        while todo:
-            node_location, node_prefix = todo.pop()
-            node = ts.ocdbt.dump(base, node_location, context=context).result()
-            for entry in node.get("entries", []):
-                if node.get("height", 0):
-                    sub = node_prefix + (entry.get("subtree_common_prefix") or b"").decode()
-                    todo.append((entry["location"], sub))
-                    continue
-                full = node_prefix + entry["key"].decode()
-                value = entry.get("indirect_value")
-                if full.startswith(prefix) and value:
-                    # "value:<base path>:<file path>:<offset>:<length>"
-                    _, base_path, file_path, _, _ = value.rsplit(":", 4)
-                    files.add(base_path + file_path)
+        contents = _ocdbt.inspect(location)
     except Exception:  # Only decorates another error; never raise from here.
         return []
-    return sorted(files)
-
-
-def _is_step_name(location: Location) -> bool:
-    return location.name.isdigit()
-
-
-def _check_not_partial(location: Location) -> None:
-    """Refuses folders that a writer left behind when it was interrupted."""
-    if fmt.is_temporary_name(location.name):
-        raise IncompleteCheckpointError(
-            f"{location}: expected a committed checkpoint, found a temporary folder of an "
-            "interrupted write (its name carries a writer's temporary suffix)"
-        )
-    if location.join(fmt.INCOMPLETE_MARKER).exists():
-        raise IncompleteCheckpointError(
-            f"{location}: expected a committed checkpoint, found the marker "
-            f"{fmt.INCOMPLETE_MARKER} of an interrupted ckptconv write"
-        )
-
-
-def _has_metadata(location: Location) -> bool:
-    return location.join(fmt.METADATA_FILE).exists()
-
-
-def _step_item(step: Location) -> Location | None:
-    """Returns the single item folder of a CheckpointManager step folder, or None."""
-    for name in fmt.STEP_ITEM_NAMES:
-        candidate = step.join(name)
-        if _has_metadata(candidate):
-            return candidate
-    items = [
-        step.join(name)
-        for name in step.list_dir()
-        if not name.startswith(".") and _has_metadata(step.join(name))
-    ]
-    if len(items) > 1:
-        raise CheckpointFormatError(
-            f"{step}: expected a step folder with one checkpoint item, found "
-            f"{len(items)} ({', '.join(i.name for i in items)}); pass the item folder itself"
-        )
-    return items[0] if items else None
-
-
-def _resolve_item(location: Location) -> Location:
-    """Finds the Orbax item folder that ``location`` designates."""
-    if not location.exists():
-        raise CheckpointFormatError(
-            f"{location}: expected an Orbax checkpoint folder, found nothing at this path"
-        )
-    if not location.is_dir():
-        raise CheckpointFormatError(
-            f"{location}: expected an Orbax checkpoint folder, found a file"
-        )
-    _check_not_partial(location)
-    if _has_metadata(location):
-        return location
-    if location.join(fmt.LEGACY_MSGPACK_FILE).exists():
-        raise CheckpointFormatError(
-            f"{location}: expected an Orbax OCDBT checkpoint (_METADATA), found a legacy msgpack "
-            f"'{fmt.LEGACY_MSGPACK_FILE}' file, which ckptconv does not read"
-        )
-    item = _step_item(location)
-    if item is not None:
-        _check_not_partial(item)
-        return item
-    names = location.list_dir()
-    steps = [n for n in names if n.isdigit() and location.join(n).is_dir()]
-    if steps:
-        latest = location.join(max(steps, key=int))
-        item = _step_item(latest)
-        if item is None:
-            raise CheckpointFormatError(
-                f"{latest}: expected the latest step of a CheckpointManager to hold an item "
-                f"folder with _METADATA ({', '.join(fmt.STEP_ITEM_NAMES)}), found none"
-            )
-        _check_not_partial(item)
-        return item
-    partial = [
-        n
-        for n in names
-        if fmt.is_temporary_name(n) or location.join(n, fmt.INCOMPLETE_MARKER).exists()
-    ]
-    if partial:
-        raise IncompleteCheckpointError(
-            f"{location}: expected a checkpoint, found only interrupted writes: "
-            f"{', '.join(partial)}"
-        )
-    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
-    raise CheckpointFormatError(
-        f"{location}: expected an Orbax item folder (_METADATA), a step folder holding one, or a "
-        f"CheckpointManager root with numeric step folders, found: {shown}"
-    )
-
-
-def _load_metadata(location: Location) -> dict[str, Any]:
-    where = location.join(fmt.METADATA_FILE)
-    try:
-        raw = where.read_bytes()
-    except OSError as e:
-        raise CheckpointFormatError(f"{where}: cannot read ({fmt.one_line(e)})") from e
-    try:
-        doc = json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise CheckpointFormatError(
-            f"{where}: expected a JSON document, found non-UTF-8 bytes at offset {e.start}"
-        ) from e
-    except json.JSONDecodeError as e:
-        raise CheckpointFormatError(
-            f"{where}: expected a JSON document, found invalid JSON ({e.msg} at line {e.lineno} "
-            f"column {e.colno})"
-        ) from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("tree_metadata"), dict):
-        found = (
-            f"keys {sorted(doc)[:6]}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
-        )
-        raise CheckpointFormatError(
-            f"{where}: expected an Orbax PyTree metadata object with a 'tree_metadata' object, "
-            f"found {found}"
-        )
-    if doc.get("use_ocdbt") is False or not location.join(fmt.OCDBT_MANIFEST_FILE).exists():
-        raise CheckpointFormatError(
-            f"{location}: expected an OCDBT checkpoint ({fmt.OCDBT_MANIFEST_FILE}, use_ocdbt "
-            f"true), found use_ocdbt={doc.get('use_ocdbt')!r} and "
-            f"{'a' if location.join(fmt.OCDBT_MANIFEST_FILE).exists() else 'no'} manifest; "
-            "re-save it with Orbax's default use_ocdbt=True"
-        )
-    return doc
-
-
-def _parse_tree_metadata(location: Location, tree: dict[str, Any]) -> dict[KeyPath, dict]:
-    where = location.join(fmt.METADATA_FILE)
-    entries: dict[KeyPath, dict] = {}
-    for tree_key, entry in tree.items():
-        try:
-            key_meta = entry["key_metadata"]
-            value_meta = entry["value_metadata"]
-            path = tuple(str(k["key"]) for k in key_meta)
-            key_types = tuple(int(k["key_type"]) for k in key_meta)
-            value_type = str(value_meta["value_type"])
-            skip = bool(value_meta.get("skip_deserialize", False))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(
-                f"{where}: expected key_metadata [{{key, key_type}}, ...] and value_metadata "
-                f"{{value_type, ...}} for entry {tree_key!r}, found {fmt.one_line(entry)[:120]}"
-            ) from e
-        if not path:
-            raise CheckpointFormatError(f"{where}: entry {tree_key!r} has an empty key path")
-        empty = skip or value_type in fmt.EMPTY_VALUE_TYPES
-        if not empty and value_type not in fmt.ARRAY_VALUE_TYPES:
-            raise CheckpointFormatError(
-                f"{where}: leaf {keystr(path)} has value_type {value_type!r}; ckptconv reads "
-                f"arrays ({', '.join(sorted(fmt.ARRAY_VALUE_TYPES))}) and empty leaves only"
-            )
-        entries[path] = {
-            "value_type": value_type,
-            "empty": empty,
-            "key_types": key_types,
-        }
-    return entries
+    return sorted({f for k, f in contents.value_files.items() if k.startswith(prefix)})

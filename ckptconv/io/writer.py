@@ -4,125 +4,57 @@
 the destination and renames it into place only once everything (data, then ``_METADATA``,
 ``_sharding``, ``_CHECKPOINT_METADATA``, then ``commit_success.txt``) is on disk. Memory stays
 bounded: chunks are at most ``chunk_bytes`` (64 MiB by default) and writes are committed to
-disk in TensorStore transactions of at most ``max_inflight_bytes``.
+disk in TensorStore transactions of about ``max_inflight_bytes``, each in the background while
+the next one fills (so about twice that is held at most).
+
+Arrays that only change name or axis order can be copied without decoding
+(:meth:`CheckpointWriter.copy_array`): their encoded chunks are reused and the axis order is
+expressed in the zarr metadata. The bytes get there in one of two ways:
+
+- :meth:`CheckpointWriter.clone_from` first copies the source's OCDBT database files into the
+  new checkpoint (in the kernel, like ``cp``); keys are then renamed inside that database by
+  reference, and no value is read or rewritten. Data of source arrays that are not copied
+  stays in those files, unreferenced, so this pays only when most of the source is copied.
+- otherwise each chunk's stored bytes are read from the source and written under the new key,
+  with reads in flight bounded by ``max_inflight_bytes``.
 
 The layout is the one ``ocp.StandardCheckpointer`` (zarr2) and MaxText (zarr3) produce on one
 host, with one difference: the OCDBT store is written directly at the item root instead of in
 ``ocdbt.process_0/`` followed by a merge; Orbax reads both through the root ``manifest.ocdbt``.
+A cloned checkpoint keeps the source's files, ``ocdbt.process_<n>/d/`` included.
 
 Limits: local filesystems only (the commit is an ``os.rename``); one writer per destination; not
 thread-safe. Replacing an existing destination (``force=True``) takes two renames, so a crash
 between them leaves the old checkpoint under ``.<name>.ckptconv-old-<hex>`` and no destination.
+A zarr3 array copied with its axes permuted carries a ``transpose`` codec: TensorStore, hence
+Orbax, reads it; a reader implementing only part of zarr v3 may not.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
 
-from ..errors import CheckpointWriteError, DestinationExistsError
+from ..errors import CheckpointWriteError, CkptconvError, DestinationExistsError
 from . import _format as fmt
 from . import _orbax_metadata as orbax_metadata
+from ._copy import plan_copy
+from ._store import WriteStore
 from ._zarr import array_spec, choose_chunk_shape
+from .handle import ArrayHandle
 from .leaf import KeyPath, keystr
 from .location import Location
 
-# Orbax's OCDBT write settings (tensorstore_utils._add_ocdbt_write_options), except a smaller
-# B-tree node limit, so that each of the writer's commits rewrites part of the index only.
-_OCDBT_CONFIG = {
-    "max_inline_value_bytes": 1024,
-    "max_decoded_node_bytes": 1 << 20,
-    "manifest_kind": "single",
-}
-
-
-class ArrayHandle:
-    """One array being written; get it from :meth:`CheckpointWriter.create`.
-
-    Attributes:
-        path: the key path.
-        shape: the array shape.
-        dtype: the canonical dtype name.
-        chunk_shape: the stored chunk shape; slabs aligned to it are written without any
-            read-modify-write of a chunk.
-    """
-
-    def __init__(
-        self,
-        writer: CheckpointWriter,
-        path: KeyPath,
-        shape: tuple[int, ...],
-        dtype: str,
-        chunk_shape: tuple[int, ...],
-        store: ts.TensorStore,
-    ) -> None:
-        self.path = path
-        self.shape = shape
-        self.dtype = dtype
-        self.chunk_shape = chunk_shape
-        self._writer = writer
-        self._store = store
-        self._written = 0
-
-    def __repr__(self) -> str:
-        return f"ArrayHandle({keystr(self.path)}, shape={self.shape}, dtype={self.dtype})"
-
-    @property
-    def size(self) -> int:
-        """Number of elements of the whole array."""
-        return math.prod(self.shape)
-
-    @property
-    def elements_written(self) -> int:
-        """Number of elements written so far (overlapping slabs count twice)."""
-        return self._written
-
-    def write(self, index: tuple[slice, ...] | None, array: Any) -> None:
-        """Writes one slab of the array.
-
-        The data is copied before this returns, so ``array`` may be reused at once.
-
-        Args:
-            index: a tuple of slices (step 1) selecting the slab, or ``None`` for the whole
-                array; missing trailing axes are taken whole.
-            array: the slab's values, of exactly the slab's shape and the array's dtype.
-
-        Raises:
-            CheckpointWriteError: the index, dtype or shape does not match, or the writer is
-                closed.
-        """
-        self._writer._check_open()
-        data = np.asarray(array)
-        if fmt.dtype_name(data.dtype) != self.dtype:
-            raise CheckpointWriteError(
-                f"{keystr(self.path)}: expected dtype {self.dtype}, found {data.dtype.name} "
-                "(cast explicitly; the writer never converts silently)"
-            )
-        view = self._store
-        if index is not None:
-            try:
-                view = self._store[fmt.normalize_index(index, self.shape)]
-            except (IndexError, ValueError, TypeError) as e:
-                raise CheckpointWriteError(
-                    f"{keystr(self.path)}: slab index {index!r} does not fit shape "
-                    f"{self.shape}: {fmt.one_line(e)}"
-                ) from e
-        if tuple(view.shape) != data.shape:
-            raise CheckpointWriteError(
-                f"{keystr(self.path)}: slab {index!r} has shape {tuple(view.shape)}, found data "
-                f"of shape {data.shape}"
-            )
-        self._writer._submit(self.path, view, data)
-        self._written += data.size
+if TYPE_CHECKING:
+    from .reader import CheckpointReader
 
 
 class CheckpointWriter:
@@ -192,13 +124,11 @@ class CheckpointWriter:
         self._state = "new"
         self._tmp: str | None = None
         self._init_ns = 0
-        self._context: ts.Context | None = None
-        self._kvstore: ts.KvStore | None = None
-        self._txn: ts.Transaction | None = None
-        self._txn_bytes = 0
+        self._store: WriteStore | None = None
         self._leaves: dict[KeyPath, dict[str, Any]] = {}
         self._keys: dict[str, KeyPath] = {}
         self._handles: dict[KeyPath, ArrayHandle] = {}
+        self._copied: set[KeyPath] = set()
         self._created_dirs: list[str] = []  # ancestors of the destination made by _start
 
     def __repr__(self) -> str:
@@ -236,6 +166,7 @@ class CheckpointWriter:
         key_types: Sequence[int] | None = None,
         sharding: Mapping[str, Any] | None = None,
         random_key_impl: str | None = None,
+        chunk_shape: Sequence[int] | None = None,
     ) -> ArrayHandle:
         """Declares one array and returns a handle to write it slab by slab.
 
@@ -250,6 +181,9 @@ class CheckpointWriter:
                 recorded in ``_sharding`` for restoring without a target; default: on device 0.
             random_key_impl: for typed PRNG keys stored as their uint32 key data, the key
                 implementation (e.g. ``"threefry2x32"``), so that Orbax restores a typed key.
+            chunk_shape: the stored chunk shape; default: at most ``chunk_bytes``, splitting
+                the leading axes first. Slabs that cover whole chunks are written without
+                reading anything back.
 
         Returns:
             The array's handle; every element must be written before :meth:`commit`.
@@ -266,7 +200,14 @@ class CheckpointWriter:
             itemsize = fmt.numpy_dtype(dtype_name).itemsize
         except (TypeError, AttributeError) as e:
             raise CheckpointWriteError(f"{keystr(path)}: unknown dtype {dtype!r}") from e
-        chunk = choose_chunk_shape(shape, itemsize, self._chunk_bytes)
+        if chunk_shape is None:
+            chunk = choose_chunk_shape(shape, itemsize, self._chunk_bytes)
+        else:
+            chunk = tuple(int(c) for c in chunk_shape)
+            if len(chunk) != len(shape) or any(c < 1 for c in chunk):
+                raise CheckpointWriteError(
+                    f"{keystr(path)}: chunk shape {chunk} does not fit shape {shape}"
+                )
         key = fmt.array_key(path)
         store = self._open_array(
             path, array_spec(shape, dtype_name, chunk, use_zarr3=self._use_zarr3)
@@ -346,6 +287,140 @@ class CheckpointWriter:
         path, types = self._declare(path, key_types)
         self._leaves[path] = {"key_types": types, "value_type": value_type}
 
+    def clone_from(self, reader: CheckpointReader) -> bool:
+        """Starts the checkpoint as a copy of ``reader``'s OCDBT database, to copy arrays cheaply.
+
+        The database files are copied as they are (in the kernel, fsynced) and the source's
+        keys are moved out of sight, so the checkpoint holds only the leaves declared
+        afterwards. :meth:`copy_array` from this reader then renames keys inside the database
+        by reference instead of reading and writing chunk bytes; every other array is written
+        as usual. Data of source arrays that are not copied remains in the copied files,
+        unreferenced: call this only when most of the source is copied.
+
+        Args:
+            reader: the source checkpoint, on a local filesystem.
+
+        Returns:
+            Whether the database was cloned; ``False`` (and nothing done) for a source that is
+            not local, whose zarr format differs from this writer's, or whose B-tree refers to
+            files outside the folders that are copied.
+
+        Raises:
+            CheckpointWriteError: something was already written, or copying failed.
+            CheckpointFormatError: a data file of the source is missing or truncated (files
+                are copied unread, so this is checked against the B-tree first).
+        """
+        self._check_open()
+        assert self._store is not None
+        if self._leaves or self._store.cloned_from is not None:
+            raise CheckpointWriteError(
+                f"{self._dest}: clone_from must be called once, before anything is written"
+            )
+        if reader.use_zarr3 != self._use_zarr3:
+            return False
+        try:
+            return self._store.clone(reader)
+        except CkptconvError:
+            raise
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"{self._dest}: cloning the database of {reader.location} into {self._tmp} "
+                f"failed: {fmt.one_line(e)}"
+            ) from e
+
+    def can_copy(
+        self, reader: CheckpointReader, path: KeyPath, axes: Sequence[int] | None = None
+    ) -> bool:
+        """Whether :meth:`copy_array` can write ``np.transpose(source, axes)`` verbatim.
+
+        It can when the source's zarr format is this writer's and that format can express the
+        axis order over the stored chunks (always for zarr3; for zarr2 only as C or F order).
+
+        Raises:
+            LayoutError: ``path`` is not an array leaf of the source.
+            CheckpointFormatError: a chunk of the source array is not stored.
+            ValueError: ``axes`` is not a permutation of the array's axes.
+        """
+        return plan_copy(reader, path, axes, use_zarr3=self._use_zarr3) is not None
+
+    def copy_array(
+        self,
+        path: KeyPath,
+        reader: CheckpointReader,
+        source_path: KeyPath,
+        *,
+        axes: Sequence[int] | None = None,
+        key_types: Sequence[int] | None = None,
+        sharding: Mapping[str, Any] | None = None,
+        random_key_impl: str | None = None,
+    ) -> tuple[int, ...]:
+        """Writes ``np.transpose(source, axes)`` by copying the source's encoded chunks.
+
+        Nothing is decoded, so the values are bit-identical to the source's. From the reader
+        given to :meth:`clone_from`, keys are renamed by reference; from any other, stored
+        chunk bytes are read and written, a few reads in flight at a time.
+
+        Example:
+            >>> reader = CheckpointReader("linen_ckpt")
+            >>> with CheckpointWriter("nnx_ckpt") as w:
+            ...     w.copy_array(("model", "w", "value"), reader, ("params", "w"), axes=(1, 0))
+            (64, 32)
+
+        Args:
+            path: the output key path, see :meth:`create`.
+            reader: the source checkpoint.
+            source_path: the source array's key path.
+            axes: the axis permutation, as for ``np.transpose``; ``None`` keeps the axes.
+            key_types: see :meth:`create`.
+            sharding: see :meth:`create`.
+            random_key_impl: see :meth:`create`.
+
+        Returns:
+            The output shape.
+
+        Raises:
+            CheckpointWriteError: the array cannot be copied verbatim (see :meth:`can_copy`),
+                the path is already written, an argument is invalid, or the copy failed.
+            CheckpointFormatError: a chunk of the source array is missing or unreadable.
+            LayoutError: ``source_path`` is not an array leaf of the source.
+        """
+        path, types = self._declare(path, key_types)
+        assert self._store is not None
+        try:
+            plan = plan_copy(reader, source_path, axes, use_zarr3=self._use_zarr3)
+        except CkptconvError:
+            raise
+        except ValueError as e:  # axes is not a permutation of the source's axes
+            raise CheckpointWriteError(f"{keystr(path)}: {fmt.one_line(e)}") from e
+        if plan is None:
+            raise CheckpointWriteError(
+                f"{keystr(path)}: {keystr(tuple(source_path))} of {reader.location} cannot be "
+                f"copied verbatim with axes {None if axes is None else list(axes)} "
+                f"({'zarr3' if reader.use_zarr3 else 'zarr2'} source, "
+                f"{'zarr3' if self._use_zarr3 else 'zarr2'} destination)"
+            )
+        key = fmt.array_key(path)
+        try:
+            self._store.copy(key, plan, reader)
+            self._store.write_value(f"{key}/{plan.doc_name}", json.dumps(plan.metadata).encode())
+        except CkptconvError:
+            raise
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"{keystr(path)}: copying {keystr(tuple(source_path))} failed: {fmt.one_line(e)}"
+            ) from e
+        self._leaves[path] = {
+            "key_types": types,
+            "value_type": "jax.Array",
+            "chunk": plan.chunk_shape,
+            "write_shape": plan.write_shape,
+            "sharding": sharding if sharding is not None else orbax_metadata.DEFAULT_SHARDING,
+            "ext_metadata": {"random_key_impl": random_key_impl} if random_key_impl else None,
+        }
+        self._keys[key] = path
+        self._copied.add(path)
+        return plan.shape
+
     def commit(self) -> Location:
         """Finishes the checkpoint and moves it into place.
 
@@ -363,8 +438,11 @@ class CheckpointWriter:
             DestinationExistsError: the destination appeared meanwhile and ``force`` is false.
         """
         self._start()
+        assert self._store is not None
         try:
-            self._flush()
+            self._store.drain_copies(0)
+            self._store.drop_clone_leftovers()
+            self._store.flush(wait=True)
             self._validate()
             assert self._tmp is not None
             orbax_metadata.write_item_metadata(
@@ -388,11 +466,9 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Discards everything written; the destination is left untouched."""
         if self._state == "open":
-            if self._txn is not None:
-                self._txn.abort()
-                self._txn = None
-            self._kvstore = None
-            self._context = None
+            if self._store is not None:
+                self._store.abort()
+                self._store = None
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
@@ -438,47 +514,20 @@ class CheckpointWriter:
         orbax_metadata.write_file(
             os.path.join(self._tmp, fmt.INCOMPLETE_MARKER), b"ckptconv write in progress\n"
         )
-        tmp = Location.parse(self._tmp)
-        self._context = tmp.ts_context()
-        base = tmp.kvstore_spec()
-        spec = {
-            "driver": "ocdbt",
-            # Data files are written once under fresh names: no need for atomic file writes.
-            "base": {**base, "file_io_locking": {"mode": "non_atomic"}},
-            "manifest": base,
-            "config": _OCDBT_CONFIG,
-            "assume_config": True,
-            "target_data_file_size": self._target_data_file_size,
-            "cache_pool": "cache_pool#ocdbt",
-        }
-        self._kvstore = ts.KvStore.open(spec, context=self._context).result()
+        self._store = WriteStore(
+            self._tmp,
+            target_data_file_size=self._target_data_file_size,
+            max_inflight_bytes=self._max_inflight_bytes,
+            where=str(self._dest),
+        )
 
     def _declare(
         self, path: KeyPath, key_types: Sequence[int] | None
     ) -> tuple[KeyPath, tuple[int, ...]]:
         self._check_open()
-        if isinstance(path, str) or not all(isinstance(k, str) for k in path):
-            raise CheckpointWriteError(f"{path!r}: expected a key path, a tuple of strings")
-        path = tuple(path)
-        if not path:
-            raise CheckpointWriteError("the empty key path cannot hold a leaf")
+        path, types = orbax_metadata.check_key_path(path, key_types)
         if path in self._leaves:
             raise CheckpointWriteError(f"{keystr(path)}: written twice")
-        types = tuple(key_types) if key_types is not None else (fmt.KEY_TYPE_DICT,) * len(path)
-        if len(types) != len(path):
-            raise CheckpointWriteError(
-                f"{keystr(path)}: expected {len(path)} key types, found {len(types)}"
-            )
-        for key, kind in zip(path, types, strict=True):
-            if kind not in (fmt.KEY_TYPE_SEQUENCE, fmt.KEY_TYPE_DICT):
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: key type {kind!r} of {key!r}: expected 1 (list index) "
-                    "or 2 (dict key)"
-                )
-            if kind == fmt.KEY_TYPE_SEQUENCE and not (key.isdigit() and str(int(key)) == key):
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: {key!r} has key type 1 (list index) but is not an index"
-                )
         other = self._keys.get(fmt.array_key(path))
         if other is not None:
             raise CheckpointWriteError(
@@ -488,59 +537,36 @@ class CheckpointWriter:
         return path, types
 
     def _open_array(self, path: KeyPath, spec: dict[str, Any]) -> ts.TensorStore:
-        assert self._kvstore is not None
+        assert self._store is not None
         key = fmt.array_key(path)
-        kvstore = self._kvstore / f"{key}/"
+        kvstore = self._store.kvstore / f"{key}/"
+        context = self._store.context
         try:
             # The metadata document is written in the pending transaction; the returned store
             # assumes that metadata (no I/O) and is bound to the pending transaction per write.
             ts.open(
                 spec,
                 kvstore=kvstore,
-                context=self._context,
-                transaction=self._transaction(),
+                context=context,
+                transaction=self._store.transaction(),
                 create=True,
                 open=False,
             ).result()
-            return ts.open(
-                spec, kvstore=kvstore, context=self._context, assume_metadata=True
-            ).result()
+            return ts.open(spec, kvstore=kvstore, context=context, assume_metadata=True).result()
         except Exception as e:
             raise CheckpointWriteError(
                 f"{keystr(path)}: cannot create array {key!r}: {fmt.one_line(e)}"
             ) from e
 
-    def _transaction(self) -> ts.Transaction:
-        if self._txn is None:
-            self._txn = ts.Transaction()
-        return self._txn
-
     def _submit(self, path: KeyPath, view: ts.TensorStore, data: np.ndarray) -> None:
         # Writes are grouped in a transaction of up to max_inflight_bytes: TensorStore keeps
         # them in memory and commits them together as one OCDBT commit with a few large data
         # files, instead of one small file and one B-tree update per write.
-        try:
-            view.with_transaction(self._transaction()).write(data).result()
-        except Exception as e:
-            raise CheckpointWriteError(f"{keystr(path)}: write failed: {fmt.one_line(e)}") from e
-        self._txn_bytes += data.nbytes
-        if self._txn_bytes >= self._max_inflight_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Commits the pending transaction, if any, into the temporary folder."""
-        if self._txn is None:
-            return
-        txn, self._txn, self._txn_bytes = self._txn, None, 0
-        try:
-            txn.commit_async().result()
-        except Exception as e:
-            raise CheckpointWriteError(
-                f"{self._dest}: writing data into {self._tmp} failed: {fmt.one_line(e)}"
-            ) from e
+        assert self._store is not None
+        self._store.write_slab(view, data, keystr(path))
 
     def _validate(self) -> None:
-        if not self._handles:
+        if not self._handles and not self._copied:
             raise CheckpointWriteError(
                 f"{self._dest}: expected at least one array, found "
                 f"{len(self._leaves)} empty leaves and no array"
