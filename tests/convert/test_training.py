@@ -14,26 +14,8 @@ from flax.training import train_state
 import ckptconv
 from ckptconv.convert import compare, convert
 from ckptconv.io import CheckpointReader
-from ckptconv.models import ModelConfig
 from ckptconv.models import linen as linen_models
 from ckptconv.models import nnx as nnx_models
-
-TINY = dict(
-    emb_dim=32,
-    num_query_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=64,
-    num_decoder_layers=2,
-    vocab_size=64,
-    dtype="float32",
-    weight_dtype="float32",
-    max_target_length=24,
-    max_prefill_predict_length=8,
-    scan_layers=True,
-    param_scan_axis=1,
-    nnx_scan_axis=0,
-)
 
 
 def save(path, tree):
@@ -42,8 +24,8 @@ def save(path, tree):
     ckptr.wait_until_finished()
 
 
-def test_training_continues_in_nnx(tmp_path):
-    config = ModelConfig(**TINY)
+def test_training_continues_in_nnx(tmp_path, make_config):
+    config = make_config(scan_layers=True, param_scan_axis=1, nnx_scan_axis=0)
     model = linen_models.Transformer(config)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 9)), jnp.int32)

@@ -2,58 +2,27 @@
 
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ckptconv.convert import convert
 from ckptconv.engine import Engine
-from ckptconv.models import ModelConfig, linen
-
-TINY = dict(
-    emb_dim=32,
-    num_query_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=64,
-    num_decoder_layers=2,
-    vocab_size=64,
-    dtype="float32",
-    weight_dtype="float32",
-    max_target_length=40,
-    max_prefill_predict_length=16,
-)
+from ckptconv.models import ModelConfig
 
 
 @pytest.fixture(scope="session")
-def tiny_config():
-    return ModelConfig(**TINY)
-
-
-def random_linen_params(config, seed=0):
-    """A Linen params tree of random values (numpy, no compiled initializers)."""
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    shapes = jax.eval_shape(linen.Transformer(config).init, jax.random.key(0), tokens, tokens)
-    rng = np.random.default_rng(seed)
-
-    def value(path, s):
-        noise = rng.standard_normal(s.shape).astype(np.float32)
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return (1 + 0.1 * noise).astype(s.dtype)
-        return (noise / np.sqrt(s.shape[0])).astype(s.dtype)
-
-    return jax.tree_util.tree_map_with_path(value, shapes["params"])
+def tiny_config(make_config):
+    return make_config(max_target_length=40, max_prefill_predict_length=16)
 
 
 @pytest.fixture(scope="session")
-def make_linen_params():
+def make_linen_params(random_linen_params):
     """``make_linen_params(config, seed=0)``: random Linen params, fast."""
     return random_linen_params
 
 
 @pytest.fixture(scope="session")
-def tiny_params(tiny_config):
+def tiny_params(tiny_config, random_linen_params):
     return random_linen_params(tiny_config, seed=0)
 
 
