@@ -24,8 +24,22 @@ then the targets of the performance issue with MET / NOT MET. ``--sizes 16,32`` 
 sizes (16 layers of emb 1024, mlp 4096, vocab 32000 float32 is 1.34 GB of arrays) and prints
 how peak RSS grows with the checkpoint.
 
+``--s3`` also starts a local S3-compatible server (moto, ``pip install 'moto[server]'``) on
+127.0.0.1 and times the conversion to it (``linen-to-nnx`` local -> S3, axis 1 -> 0) and from
+it (``nnx-to-linen`` S3 -> local and S3 -> S3), each as a ratio to the same conversion on the
+local disk. The server is a single Python process: the ratios say what talking to an object
+store through TensorStore costs here, not what a real bucket would sustain.
+
+``--processes 1,2`` times multi-process conversion instead (``ckptconv launch -n P``; P=1 is
+a plain ``ckptconv`` run): the axis move (copies chunks), ``--unscan-layers`` and
+``--dtype bfloat16`` (decode and encode every value), with the wall time of the whole command
+(start-up of every process included), its speed-up over P=1, the conversion time each process
+reports, and each process's peak RSS (from its ``--json`` summary, ``ru_maxrss``; the launcher
+itself is not counted).
+
 Usage:
-    python benchmarks/bench_convert.py [--sizes 16,32] [--opt] [--repeat 3] [--json]
+    python benchmarks/bench_convert.py [--sizes 16,32] [--opt] [--repeat 3] [--s3] [--json]
+    python benchmarks/bench_convert.py --processes 1,2 [--sizes 16] [--repeat 3] [--json]
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -132,7 +147,54 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, int(err.strip().splitlines()[-1]) / 1024
 
 
-def bench_size(work: pathlib.Path, layers: int, with_opt: bool, repeat: int) -> dict:
+def start_s3_server() -> tuple[subprocess.Popen, str]:
+    """Starts moto's S3 server on a free port of 127.0.0.1 with one bucket.
+
+    Returns:
+        The server process and the bucket's ``s3://`` URL; the AWS variables that point the
+        conversions at it are set in this process's environment (inherited by the cases).
+    """
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto server did not start on {endpoint}") from None
+            time.sleep(0.1)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ckptconv-bench")
+    return proc, "s3://ckptconv-bench"
+
+
+# S3 cases and the local-disk case each is compared with.
+S3_CASES = {
+    "s3: local -> s3, axis 1->0": "ckptconv axis 1->0",
+    "s3: s3 -> local, nnx-to-linen": "ckptconv nnx-to-linen",
+    "s3: s3 -> s3, nnx-to-linen": "ckptconv nnx-to-linen",
+}
+
+
+def bench_size(
+    work: pathlib.Path, layers: int, with_opt: bool, repeat: int, s3_root: str | None = None
+) -> dict:
     """Builds one checkpoint and runs every case ``repeat`` times (interleaved)."""
     src = work / f"linen_{layers}"
     t = time.perf_counter()
@@ -182,12 +244,38 @@ def bench_size(work: pathlib.Path, layers: int, with_opt: bool, repeat: int) -> 
             "bfloat16",
         ],
     }
+    if s3_root is not None:
+        from ckptconv.io import Location
+
+        nnx_s3 = f"{s3_root}/nnx_ref_{layers}"
+        subprocess.run(
+            [*cli, "linen-to-nnx", str(src), nnx_s3], check=True, stdout=subprocess.DEVNULL
+        )
+        cases.update(
+            {
+                "s3: local -> s3, axis 1->0": lambda d: [
+                    *cli,
+                    "linen-to-nnx",
+                    str(src),
+                    f"{s3_root}/{d.name}",
+                ],
+                "s3: s3 -> local, nnx-to-linen": lambda d: [*cli, "nnx-to-linen", nnx_s3, str(d)],
+                "s3: s3 -> s3, nnx-to-linen": lambda d: [
+                    *cli,
+                    "nnx-to-linen",
+                    nnx_s3,
+                    f"{s3_root}/{d.name}",
+                ],
+            }
+        )
     results: dict[str, dict] = {}
     for r in range(repeat):
         for name, make in cases.items():
             dst = work / f"out_{layers}_{r}"
             wall, rss = timed(make(dst))
             shutil.rmtree(dst, ignore_errors=True)
+            if name in S3_CASES:
+                Location.parse(f"{s3_root}/{dst.name}").delete_tree()
             # Untimed: flush what this case left dirty (the naive case does not fsync), so the
             # next case does not pay for writing it back.
             os.sync()
@@ -208,7 +296,101 @@ def bench_size(work: pathlib.Path, layers: int, with_opt: bool, repeat: int) -> 
         }
     shutil.rmtree(src)
     shutil.rmtree(nnx_ref)
+    if s3_root is not None:
+        Location.parse(nnx_s3).delete_tree()
     return {"layers": layers, "array_bytes": nbytes, "with_opt": with_opt, "cases": rows}
+
+
+# Multi-process cases (--processes): extra arguments of linen-to-nnx.
+PROCESS_CASES = {
+    "axis 1->0 (copies)": [],
+    "unscan (decodes)": ["--unscan-layers"],
+    "bf16 cast (decodes)": ["--dtype", "bfloat16"],
+}
+
+
+def timed_processes(cmd: list[str]) -> tuple[float, list[dict]]:
+    """Runs a ``--json`` conversion; returns (wall seconds, each process's JSON summary).
+
+    A launched command prefixes every line with ``[i] ``; a plain one prints one document.
+    """
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-2000:]}")
+    lines: dict[int, list[str]] = {}
+    for line in proc.stdout.decode().splitlines():
+        index, sep, rest = line.partition("] ")
+        if line.startswith("[") and sep and index[1:].isdigit():
+            lines.setdefault(int(index[1:]), []).append(rest)
+        else:
+            lines.setdefault(0, []).append(line)
+    return wall, [json.loads("\n".join(doc)) for _, doc in sorted(lines.items())]
+
+
+def bench_processes(
+    work: pathlib.Path, layers: int, with_opt: bool, repeat: int, processes: list[int]
+) -> dict:
+    """Times PROCESS_CASES with each process count, ``repeat`` times, interleaved."""
+    src = work / f"linen_{layers}"
+    t = time.perf_counter()
+    nbytes = build_checkpoint(src, layers, with_opt)
+    print(
+        f"built {src}: {nbytes / 1e9:.2f} GB of arrays in {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
+    os.sync()
+    cli = [sys.executable, "-m", "ckptconv.cli"]
+    results: dict[tuple[str, int], dict] = {}
+    for r in range(repeat):
+        for name, extra in PROCESS_CASES.items():
+            for n in processes:
+                dst = work / f"out_{layers}_{r}"
+                args = ["linen-to-nnx", str(src), str(dst), *extra, "--json"]
+                cmd = [*cli, *args] if n == 1 else [*cli, "launch", "-n", str(n), "--", *args]
+                wall, docs = timed_processes(cmd)
+                shutil.rmtree(dst, ignore_errors=True)
+                os.sync()
+                row = results.setdefault((name, n), {"wall": [], "seconds": [], "rss": []})
+                row["wall"].append(wall)
+                row["seconds"].append(max(d["seconds"] for d in docs))
+                row["rss"].append([d["peak_rss_mb"] for d in docs])
+    shutil.rmtree(src)
+    rows = []
+    for (name, n), r in results.items():
+        base = statistics.median(results[(name, processes[0])]["wall"])
+        med = statistics.median(r["wall"])
+        rows.append(
+            {
+                "case": name,
+                "processes": n,
+                "median_s": round(med, 3),
+                "speedup": round(base / med, 2),
+                "conversion_s": round(statistics.median(r["seconds"]), 3),
+                "peak_rss_mb": [round(max(x), 1) for x in zip(*r["rss"], strict=True)],
+            }
+        )
+    return {"layers": layers, "array_bytes": nbytes, "with_opt": with_opt, "processes": rows}
+
+
+def print_processes(rep: dict, repeat: int) -> None:
+    """Prints one size's multi-process table."""
+    print(
+        f"\n{rep['layers']} layers, {rep['array_bytes'] / 1e9:.2f} GB of arrays"
+        f"{' (with mu/nu)' if rep['with_opt'] else ''}, median of {repeat}, "
+        "ckptconv launch -n P (P=1: plain ckptconv):"
+    )
+    print(
+        f"  {'case':22s} {'P':>2s} {'median s':>9s} {'speed-up':>9s} {'convert s':>10s}  "
+        "peak RSS MB per process"
+    )
+    for row in rep["processes"]:
+        rss = ", ".join(f"{x:.0f}" for x in row["peak_rss_mb"])
+        print(
+            f"  {row['case']:22s} {row['processes']:2d} {row['median_s']:9.3f} "
+            f"{row['speedup']:9.2f} {row['conversion_s']:10.3f}  {rss}"
+        )
 
 
 CONVERSIONS = (
@@ -247,6 +429,16 @@ def print_report(rep: dict, repeat: int) -> None:
     for label, value, limit in checks:
         met = value <= limit if limit is not None else value >= 3.0
         print(f"  target {label}: {value:.2f} {'MET' if met else 'NOT MET'}")
+    s3_rows = [n for n in S3_CASES if n in cases]
+    if s3_rows:
+        print("  object storage (local S3 server) vs the same conversion on the local disk:")
+        for name in s3_rows:
+            local = S3_CASES[name]
+            ratio = cases[name]["median_s"] / cases[local]["median_s"]
+            print(
+                f"    {name:30s} {cases[name]['median_s']:7.3f} s vs {local} "
+                f"{cases[local]['median_s']:.3f} s: {ratio:.2f}x local disk"
+            )
 
 
 def main() -> None:
@@ -256,15 +448,36 @@ def main() -> None:
     p.add_argument("--opt", action="store_true", help="add adamw mu/nu (3x the bytes)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--s3", action="store_true", help="also time conversions to/from local S3")
+    p.add_argument(
+        "--processes", default=None, help="e.g. 1,2: time multi-process conversion instead"
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.processes:
+        counts = [int(x) for x in args.processes.split(",")]
+        reports = []
+        for layers in [int(x) for x in args.sizes.split(",")]:
+            reports.append(bench_processes(work, layers, args.opt, args.repeat, counts))
+            print_processes(reports[-1], args.repeat)
+        if args.json:
+            print(json.dumps(reports, indent=1))
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     reports = []
-    for layers in [int(x) for x in args.sizes.split(",")]:
-        rep = bench_size(work, layers, args.opt, args.repeat)
-        reports.append(rep)
-        print_report(rep, args.repeat)
+    server, s3_root = start_s3_server() if args.s3 else (None, None)
+    try:
+        for layers in [int(x) for x in args.sizes.split(",")]:
+            rep = bench_size(work, layers, args.opt, args.repeat, s3_root)
+            reports.append(rep)
+            print_report(rep, args.repeat)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
     if len(reports) > 1:
         a, b = reports[0], reports[-1]
         print(

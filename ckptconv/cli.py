@@ -25,7 +25,11 @@ def _one_line(msg: str) -> str:
 
 
 def user_errors(fn):
-    """Turns :class:`CkptconvError` into a one-line message and exit code 2."""
+    """Turns :class:`CkptconvError` into a one-line message and exit code 2.
+
+    An error may carry its own ``exit_code`` (3: this process of a multi-process conversion
+    stopped because another one failed).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,7 +37,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except CkptconvError as e:
             click.echo(f"ckptconv: error: {_one_line(str(e))}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
 
     return wrapper
 
@@ -47,8 +51,25 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptconv")
-def main() -> None:
-    """Convert Flax Linen checkpoints to Flax NNX and back, bit-exactly."""
+@click.option(
+    "--s3-endpoint",
+    metavar="URL",
+    default=None,
+    help="S3-compatible server for s3:// locations (default: AWS_ENDPOINT_URL_S3, "
+    "AWS_ENDPOINT_URL, else AWS).",
+)
+@user_errors
+def main(s3_endpoint: str | None) -> None:
+    """Convert Flax Linen checkpoints to Flax NNX and back, bit-exactly.
+
+    Checkpoints are local paths or TensorStore URLs: file://, s3://BUCKET/PREFIX,
+    gs://BUCKET/PREFIX. S3 credentials and region come from the AWS environment variables
+    and files.
+    """
+    if s3_endpoint:
+        from .io import configure_s3
+
+        configure_s3(endpoint=s3_endpoint)
 
 
 def _parse_renames(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -118,6 +139,38 @@ def _convert_options(f):
             help="Check the plan against an NNX model (or its abstract state).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+        # Multi-process conversion (ckptconv.convert.distributed); `ckptconv launch` sets these.
+        click.option(
+            "--coordinator",
+            envvar="JAX_COORDINATOR_ADDRESS",
+            show_envvar=True,
+            default=None,
+            metavar="HOST:PORT",
+            help="Convert with several processes: process 0's jax.distributed address.",
+        ),
+        click.option(
+            "--num-processes",
+            envvar="JAX_NUM_PROCESSES",
+            show_envvar=True,
+            type=click.IntRange(1),
+            default=None,
+            help="Number of processes converting together.",
+        ),
+        click.option(
+            "--process-id",
+            envvar="JAX_PROCESS_ID",
+            show_envvar=True,
+            type=click.IntRange(0),
+            default=None,
+            help="This process's index among them.",
+        ),
+        click.option(
+            "--barrier-timeout",
+            type=click.FloatRange(min=1),
+            default=300.0,
+            show_default=True,
+            help="Seconds a process waits for the others while none makes progress.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -141,6 +194,10 @@ def _run_convert(
     target,
     as_json,
     target_layout=None,
+    coordinator=None,
+    num_processes=None,
+    process_id=None,
+    barrier_timeout=300.0,
 ):
     from .convert import ConvertOptions, convert
 
@@ -173,8 +230,14 @@ def _run_convert(
         bar.update(done - state["done"])
         state["done"] = done
 
+    run = convert
+    if coordinator or num_processes is not None or process_id is not None:
+        from .convert.distributed import ProcessSettings, convert_in_processes
+
+        settings = ProcessSettings(coordinator, num_processes, process_id, barrier_timeout)
+        run = functools.partial(convert_in_processes, processes=settings)
     try:
-        result = convert(
+        result = run(
             src,
             dst,
             direction=direction,
@@ -187,10 +250,11 @@ def _run_convert(
         if bar is not None:
             bar.__exit__(None, None, None)
     d = result.to_dict()
+    who = f"process {d['process_id']} of {d['num_processes']}: " if "process_id" in d else ""
     _emit(
         d,
         as_json,
-        f"wrote {d['destination']}: {d['leaves']} leaves, "
+        f"{who}wrote {d['destination']}: {d['leaves']} leaves, "
         f"{d['bytes'] / 1e6:.1f} MB in {d['seconds']:.2f} s "
         f"({d['source_layout']} -> {d['target_layout']}, peak RSS {d['peak_rss_mb']} MB)",
     )
@@ -432,6 +496,26 @@ def verify_cmd(linen_ckpt, nnx_ckpt, model_config, prompt_ids, max_new_tokens, a
     _emit(result.to_dict(), as_json, "\n".join(lines))
     if not result.ok:
         sys.exit(EXIT_DIFFERENT)
+
+
+@main.command(
+    "launch",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option(
+    "-n",
+    "--num-processes",
+    type=click.IntRange(1),
+    required=True,
+    help="Number of local processes to start.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@user_errors
+def launch_cmd(num_processes: int, command: tuple[str, ...]) -> None:
+    """Run one conversion in N local processes: launch -n 4 -- linen-to-nnx SRC DST [...]."""
+    from .convert.launch import launch
+
+    sys.exit(launch(num_processes, list(command)))
 
 
 if __name__ == "__main__":

@@ -53,3 +53,10 @@ class CheckpointWriteError(CkptconvError, ValueError):
     A leaf written twice or only in part, key types that contradict each other, a dtype or shape
     that does not match its declaration, or a destination the writer does not support.
     """
+
+
+class StorageError(CkptconvError):
+    """A storage location cannot be reached or used.
+
+    An unreachable endpoint, a missing bucket, or credentials the object store refuses.
+    """

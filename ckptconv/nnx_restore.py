@@ -40,6 +40,28 @@ def _values(pure: Any, restored: Any) -> Any:
     return restored["value"]
 
 
+def _read_with_tensorstore(reader: CheckpointReader, target: Any, path: tuple = ()) -> Any:
+    """Restores ``target`` (dicts of ShapeDtypeStructs) from ``reader``, as Orbax would.
+
+    Used where Orbax cannot open the checkpoint (``s3://`` locations). A sharded leaf is read
+    one shard per device (each device reads only its slab); typed PRNG keys are rebuilt from
+    their stored key data and recorded implementation.
+    """
+    import jax
+
+    if isinstance(target, dict):
+        return {k: _read_with_tensorstore(reader, v, (*path, k)) for k, v in target.items()}
+    if jax.dtypes.issubdtype(target.dtype, jax.dtypes.prng_key):
+        impl = (reader.ext_metadata(path) or {}).get("random_key_impl")
+        key = jax.random.wrap_key_data(reader.read(path), impl=impl)
+        return key if target.sharding is None else jax.device_put(key, target.sharding)
+    if target.sharding is None:
+        return jax.numpy.asarray(reader.read(path))
+    return jax.make_array_from_callback(
+        target.shape, target.sharding, lambda index: reader.read(path, index)
+    )
+
+
 def _fill(obj: Any, restored: Any) -> None:
     from flax import nnx
 
@@ -148,11 +170,14 @@ def restore(
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True,
     )
-    location = reader.location.local_path or reader.location
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(str(location)), args=args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointFormatError(f"{reader.location}: Orbax cannot restore it: {e}") from e
+    location = reader.location.local_path
+    if location is None:  # an object store: read through TensorStore (Orbax needs a path)
+        restored = _read_with_tensorstore(reader, target)
+    else:
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(location), args=args)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointFormatError(f"{reader.location}: Orbax cannot restore it: {e}") from e
     _fill(model, restored["model"])
     if optimizer is not None:
         _fill(optimizer, restored["optimizer"])

@@ -78,3 +78,112 @@ def random_linen_params():
         return jax.tree_util.tree_map_with_path(value, shapes["params"])
 
     return make
+
+
+# -- a local S3 server (moto) for the object-storage tests ---------------------------------------
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Server:
+    """A running moto S3 server: its endpoint, one bucket and one valid access key."""
+
+    endpoint: str
+    bucket: str
+    key_id: str
+    secret: str
+    region: str = "us-east-1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (closed again at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Starts ``moto.server`` on 127.0.0.1 (free port) with request signing checked.
+
+    Moto accepts any credentials unless its IAM authentication is on: the fixture creates an
+    IAM user with an access key while it is off, then turns it on, so wrong credentials are
+    refused as real S3 refuses them. The server is stopped at the end of the session.
+    """
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        region = "us-east-1"
+        setup = {"endpoint_url": endpoint, "region_name": region}
+        iam = boto3.client("iam", aws_access_key_id="x", aws_secret_access_key="x", **setup)
+        iam.create_user(UserName="ckptconv")
+        allow_all = {"Effect": "Allow", "Action": "*", "Resource": "*"}
+        policy = {"Version": "2012-10-17", "Statement": [allow_all]}
+        iam.put_user_policy(
+            UserName="ckptconv", PolicyName="all", PolicyDocument=json.dumps(policy)
+        )
+        key = iam.create_access_key(UserName="ckptconv")["AccessKey"]
+        request = urllib.request.Request(
+            f"{endpoint}/moto-api/reset-auth",
+            data=b"0",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        urllib.request.urlopen(request, timeout=10).read()
+        server = S3Server(endpoint, "ckptconv-tests", key["AccessKeyId"], key["SecretAccessKey"])
+        s3 = boto3.client(
+            "s3", aws_access_key_id=server.key_id, aws_secret_access_key=server.secret, **setup
+        )
+        s3.create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """The S3 server with its credentials in the environment, and a fresh prefix URL.
+
+    Yields ``(server, url)``: ``url`` is ``s3://<bucket>/<unique prefix>`` for this test.
+    """
+    from ckptconv.io import configure_s3
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_REGION", s3_server.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    configure_s3()
+    prefix = f"{request.node.name.split('[')[0]}-{uuid.uuid4().hex[:8]}"
+    yield s3_server, f"s3://{s3_server.bucket}/{prefix}"
+    configure_s3()

@@ -156,6 +156,15 @@ def _check_paths(src: Location, dst: Location) -> None:
             raise DestinationExistsError(
                 f"{dst}: the destination must not be the source or lie inside it ({src})"
             )
+    elif dst.is_within(src):
+        raise DestinationExistsError(
+            f"{dst}: the destination must not be the source or lie inside it ({src})"
+        )
+    elif not dst.has_atomic_rename and src.is_within(dst):
+        # An object store is written in place: replacing it would delete the source first.
+        raise DestinationExistsError(
+            f"{dst}: the destination must not hold the source ({src}) on an object store"
+        )
 
 
 def make_plan(
@@ -357,9 +366,17 @@ def _write_tiled(handle: ArrayHandle, index: tuple[slice, ...], data, chunk) -> 
 
 
 def _write_decoded(
-    writer: CheckpointWriter, reader: CheckpointReader, out: OutLeaf, slab_bytes: int
+    writer: CheckpointWriter,
+    reader: CheckpointReader,
+    out: OutLeaf,
+    slab_bytes: int,
+    *,
+    only: Callable[[tuple[slice, ...]], bool] | None = None,
 ) -> None:
-    """Writes one output leaf by evaluating its expression slab by slab."""
+    """Writes one output leaf by evaluating its expression slab by slab.
+
+    ``only`` (multi-process conversion) selects the slabs this process writes.
+    """
     expr: Expr = out.expr  # type: ignore[assignment]
     itemsize = fmt.numpy_dtype(expr.dtype).itemsize
     box = source_chunk_box(expr, reader.chunk_shape)
@@ -374,6 +391,8 @@ def _write_decoded(
         chunk_shape=chunk,
     )
     for index in slab_boxes(expr.shape, slab):
+        if only is not None and not only(index):
+            continue
         _write_tiled(handle, index, evaluate(expr, reader.read, index=index), chunk)
 
 
@@ -403,12 +422,18 @@ def _layer_groups(leaves: list[OutLeaf]) -> dict[tuple[str, ...], list[OutLeaf]]
 
 
 def _write_layers(
-    writer: CheckpointWriter, reader: CheckpointReader, group: list[OutLeaf], slab_bytes: int
+    writer: CheckpointWriter,
+    reader: CheckpointReader,
+    group: list[OutLeaf],
+    slab_bytes: int,
+    *,
+    only: Callable[[tuple[slice, ...]], bool] | None = None,
 ) -> None:
     """Writes several layers of one stacked expression, reading each source chunk once.
 
     Slabs of the stacked array follow its source chunk grid; each slab is decoded once and
     split among the layers it holds, so a chunk holding every layer is not decoded per layer.
+    ``only`` (multi-process conversion) selects the slabs of the stack this process writes.
     """
     layers = {}
     for leaf in group:
@@ -432,6 +457,8 @@ def _write_layers(
         )
         handles[index] = handle, chunk
     for index in slab_boxes(stacked.shape, slab):
+        if only is not None and not only(index):
+            continue
         first, stop = index[axis].start, index[axis].stop
         wanted = [i for i in range(first, stop) if i in handles]
         if not wanted:

@@ -5,5 +5,6 @@ from .leaf import KeyPath as KeyPath
 from .leaf import Leaf as Leaf
 from .leaf import keystr as keystr
 from .location import Location as Location
+from .location import configure_s3 as configure_s3
 from .reader import CheckpointReader as CheckpointReader
 from .writer import CheckpointWriter as CheckpointWriter

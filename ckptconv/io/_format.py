@@ -84,9 +84,16 @@ def numpy_dtype(name: str) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, name))
 
 
+# TensorStore appends annotations such as `` [http_response_code='403']`` and a whole HTTP
+# response body to its error messages; a one-line message keeps the part before them.
+_TS_ANNOTATION = re.compile(r"\s\[[\w\-]+='")
+
+
 def one_line(text: object) -> str:
-    """Collapses an exception message onto one line."""
-    return " ".join(str(text).split())
+    """Collapses an exception message onto one line, without TensorStore's annotations."""
+    flat = " ".join(str(text).split())
+    match = _TS_ANNOTATION.search(flat)
+    return flat[: match.start()] if match and match.start() > 0 else flat
 
 
 def normalize_index(index: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:

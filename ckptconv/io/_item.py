@@ -3,6 +3,17 @@
 Accepts an item folder, a CheckpointManager step folder holding one item, or a manager root
 (its latest numeric step); refuses temporary folders of interrupted writes, msgpack
 checkpoints and non-OCDBT layouts with messages that say what was found.
+
+When a checkpoint counts as complete:
+
+- on local disks, a writer renames a finished folder into place, so a folder under its final
+  name is complete unless its name is a temporary one or it holds ckptconv's in-progress
+  marker (``.ckptconv-incomplete``). ``commit_success.txt`` is not required there: Orbax
+  before 0.12.3 did not write it on local disks.
+- on object stores (and ``memory://``) nothing can be renamed atomically, so data and metadata
+  are written in place and ``commit_success.txt`` last, as Orbax does on GCS: an item is
+  complete only once that marker exists, in the item folder or in its step folder (where
+  Orbax's CheckpointManager writes it).
 """
 
 from __future__ import annotations
@@ -35,6 +46,22 @@ def _check_not_partial(location: Location) -> None:
         )
 
 
+def _check_committed(item: Location) -> None:
+    """On storage without atomic rename, refuses an item that lacks its commit marker."""
+    if item.has_atomic_rename:
+        return
+    candidates = [item.join(fmt.COMMIT_SUCCESS_FILE)]
+    if item.name in fmt.STEP_ITEM_NAMES or is_step_name(item.parent):
+        candidates.append(item.parent.join(fmt.COMMIT_SUCCESS_FILE))
+    if any(c.exists() for c in candidates):
+        return
+    raise IncompleteCheckpointError(
+        f"{item}: expected a committed checkpoint, found no {fmt.COMMIT_SUCCESS_FILE} (the "
+        "marker written last on object stores): its write was interrupted or is still running; "
+        "rerun the conversion with --force to replace it"
+    )
+
+
 def _has_metadata(location: Location) -> bool:
     return location.join(fmt.METADATA_FILE).exists()
 
@@ -63,8 +90,16 @@ def resolve_item(location: Location) -> Location:
 
     Raises:
         CheckpointFormatError: nothing readable is there.
-        IncompleteCheckpointError: only interrupted writes are there.
+        IncompleteCheckpointError: only interrupted writes are there, or (on object stores) the
+            item has no commit marker.
+        StorageError: the storage cannot be reached or refuses the request.
     """
+    item = _find_item(location)
+    _check_committed(item)
+    return item
+
+
+def _find_item(location: Location) -> Location:
     if not location.exists():
         raise CheckpointFormatError(
             f"{location}: expected an Orbax checkpoint folder, found nothing at this path"

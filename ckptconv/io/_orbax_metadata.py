@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import CheckpointWriteError
 from . import _format as fmt
 from .leaf import KeyPath, keystr
+from .location import Location
 
 STANDARD_HANDLER = (
     "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
@@ -125,7 +126,7 @@ def check_tree(key_types: Mapping[KeyPath, tuple[int, ...]]) -> None:
 
 
 def write_item_metadata(
-    folder: str,
+    folder: str | Location,
     leaves: Mapping[KeyPath, Mapping[str, Any]],
     *,
     use_zarr3: bool,
@@ -133,10 +134,13 @@ def write_item_metadata(
     init_timestamp_ns: int,
     destination: str,
 ) -> None:
-    """Writes every metadata file of an item folder, ``commit_success.txt`` last, all fsynced.
+    """Writes every metadata file of an item folder, ``commit_success.txt`` last.
+
+    Local files are fsynced; on object stores each file is one object written through
+    TensorStore.
 
     Args:
-        folder: the item folder (the writer's temporary folder).
+        folder: the item folder (the writer's temporary folder, or an object-store prefix).
         leaves: per path, ``key_types`` and ``value_type``; arrays also ``chunk``,
             ``sharding``, ``ext_metadata`` and optionally ``write_shape`` (default: ``chunk``).
         use_zarr3: recorded in ``_METADATA``.
@@ -196,17 +200,16 @@ def write_item_metadata(
         "commit_timestamp_nsecs": time.time_ns(),
         "custom_metadata": custom_metadata if custom_metadata else {},
     }
-    os.makedirs(os.path.join(folder, fmt.ARRAY_METADATAS_DIR), exist_ok=True)
-    write_json(
-        os.path.join(folder, fmt.ARRAY_METADATAS_DIR, "process_0"),
-        {"array_metadatas": array_metadatas},
-    )
-    write_json(os.path.join(folder, fmt.SHARDING_FILE), sharding)
-    write_json(os.path.join(folder, fmt.METADATA_FILE), metadata)
-    write_json(os.path.join(folder, fmt.CHECKPOINT_METADATA_FILE), checkpoint_metadata)
-    write_file(
-        os.path.join(folder, fmt.COMMIT_SUCCESS_FILE),
-        f"Checkpoint commit was successful to {destination}".encode(),
+    item = Location.parse(folder)
+    for name, doc in (
+        (f"{fmt.ARRAY_METADATAS_DIR}/process_0", {"array_metadatas": array_metadatas}),
+        (fmt.SHARDING_FILE, sharding),
+        (fmt.METADATA_FILE, metadata),
+        (fmt.CHECKPOINT_METADATA_FILE, checkpoint_metadata),
+    ):
+        item.join(name).write_bytes(json.dumps(doc).encode())
+    item.join(fmt.COMMIT_SUCCESS_FILE).write_bytes(
+        f"Checkpoint commit was successful to {destination}".encode()
     )
 
 

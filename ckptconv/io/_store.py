@@ -5,6 +5,11 @@ committed in the background while the next one fills (one commit at a time), so 
 writing overlap with producing the next data. Verbatim array copies go through the same
 transactions: by reference inside a cloned database, or as read-then-write of stored chunk
 bytes with reads in flight bounded by ``max_inflight_bytes``.
+
+The store is any :class:`~ckptconv.io.Location`: a local folder (the writer's temporary
+folder) or an object-store prefix written in place. Cloning copies local files, so it is
+offered only from a local source into a local store; elsewhere verbatim copies read and
+write the stored chunk bytes through TensorStore.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class WriteStore:
     """An OCDBT store in a folder, written in background-committed transactions.
 
     Args:
-        folder: the local folder of the store (the writer's temporary folder).
+        folder: the folder of the store: the writer's temporary folder on a local disk, or
+            the destination itself on an object store.
         target_data_file_size: the OCDBT target size of one data file, in bytes.
         max_inflight_bytes: the size of one transaction, and the most bytes of value-copy
             reads in flight.
@@ -54,9 +60,14 @@ class WriteStore:
     """
 
     def __init__(
-        self, folder: str, *, target_data_file_size: int, max_inflight_bytes: int, where: str
+        self,
+        folder: str | Location,
+        *,
+        target_data_file_size: int,
+        max_inflight_bytes: int,
+        where: str,
     ) -> None:
-        self._folder = folder
+        self._folder = Location.parse(folder)
         self._target_data_file_size = target_data_file_size
         self._max_inflight_bytes = max_inflight_bytes
         self._where = where
@@ -91,13 +102,15 @@ class WriteStore:
         return self._txn
 
     def _open(self, *, cloned: bool) -> None:
-        tmp = Location.parse(self._folder)
-        self._context = tmp.ts_context()
-        base = tmp.kvstore_spec()
+        self._context = self._folder.ts_context()
+        base = self._folder.kvstore_spec()
+        data = dict(base)
+        if self._folder.local_path is not None:
+            # Data files are written once under fresh names: no need for atomic file writes.
+            data["file_io_locking"] = {"mode": "non_atomic"}
         spec: dict[str, Any] = {
             "driver": "ocdbt",
-            # Data files are written once under fresh names: no need for atomic file writes.
-            "base": {**base, "file_io_locking": {"mode": "non_atomic"}},
+            "base": data,
             "manifest": base,
             "target_data_file_size": self._target_data_file_size,
             "cache_pool": "cache_pool#ocdbt",
@@ -113,10 +126,12 @@ class WriteStore:
         :meth:`drop_clone_leftovers` deletes at the end, so the store starts empty of keys.
 
         Returns:
-            Whether it cloned (see :meth:`CheckpointWriter.clone_from`).
+            Whether it cloned (see :meth:`CheckpointWriter.clone_from`); never for a source or
+            a store that is not on a local disk (the clone is a local file copy).
         """
         src = reader.location
-        if src.local_path is None:
+        dest = self._folder.local_path
+        if src.local_path is None or dest is None:
             return False
         # Files are copied unread: check first that none is missing or truncated.
         reader.check_data_files()
@@ -128,7 +143,7 @@ class WriteStore:
         ):
             return False
         self._kvstore = None
-        _ocdbt.copy_files(src.local_path, self._folder, files)
+        _ocdbt.copy_files(src.local_path, str(dest), files)
         self._open(cloned=True)
         staged = _prefix_range(stage)
         outside = [

@@ -1,16 +1,18 @@
-"""Where a checkpoint lives: one value type for local paths, ``file://`` and ``memory://`` URLs.
+"""Where a checkpoint lives: one value type for local paths and TensorStore kvstore URLs.
 
-A :class:`Location` is a storage scheme plus a normalised path. Everything that depends on the
-scheme (the TensorStore kvstore spec, existence checks, small-file reads and listings) goes
-through one backend object per scheme, chosen from ``_BACKENDS``. Adding ``s3://bucket/prefix``
-or ``gs://bucket/prefix`` later means adding one backend class here (TensorStore's ``s3`` and
-``gcs`` kvstore drivers) and one entry in that registry; the reader only talks to
-:class:`Location`.
+A :class:`Location` is a storage scheme plus a normalised path: a plain path or ``file://``
+URL, ``s3://bucket/prefix``, ``gs://bucket/prefix``, or ``memory://name`` (for tests).
+Everything that depends on the scheme (the TensorStore kvstore spec and context, existence
+checks, small-file reads and writes, listings, deletion) goes through one backend object per
+scheme, chosen from the registry in :mod:`ckptconv.io._backends`; the reader, the writer and
+the commit protocol only talk to :class:`Location`, so every command accepts every scheme.
+
+Object stores have no atomic rename: :attr:`Location.has_atomic_rename` tells the writer to
+commit with a marker object instead (see :mod:`ckptconv.io._commit`). S3 endpoint, region and
+credentials come from the AWS environment or :func:`configure_s3`.
 
 Limits: ``memory://`` locations live in one process-wide TensorStore context (see
-:meth:`Location.ts_context`); they are meant for tests and are readable by
-:class:`~ckptconv.io.CheckpointReader`, while :class:`~ckptconv.io.CheckpointWriter` needs a
-local filesystem for its atomic rename.
+:meth:`Location.ts_context`); they are meant for tests.
 """
 
 from __future__ import annotations
@@ -19,143 +21,14 @@ import dataclasses
 import os
 import pathlib
 import posixpath
-import threading
 import urllib.parse
-from typing import Any, Protocol
+from typing import Any
 
 import tensorstore as ts
 
 from ..errors import CheckpointFormatError
-
-# The same TensorStore context settings Orbax uses for OCDBT checkpoints: a bounded cache for
-# B-tree nodes so that opening many arrays of one checkpoint reads the index once.
-_CONTEXT_SPEC: dict[str, Any] = {
-    "file_io_concurrency": {"limit": 128},
-    "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
-}
-
-
-class _Backend(Protocol):
-    """What a storage scheme provides. One implementation per scheme, see ``_BACKENDS``."""
-
-    def normalize(self, path: str) -> str:
-        """Returns the canonical path for the text after ``scheme://`` (or a plain path)."""
-        ...
-
-    def render(self, path: str) -> str:
-        """Returns the user-facing form of a location, as ``str(location)`` prints it."""
-        ...
-
-    def kvstore_spec(self, path: str) -> dict[str, Any]:
-        """Returns the TensorStore kvstore spec of the folder ``path``."""
-        ...
-
-    def ts_context(self) -> ts.Context:
-        """Returns the TensorStore context to open kvstores of this scheme with."""
-        ...
-
-    def exists(self, path: str) -> bool:
-        """Whether a file or folder exists at ``path``."""
-        ...
-
-    def is_dir(self, path: str) -> bool:
-        """Whether ``path`` is a folder (a key prefix with at least one key under it)."""
-        ...
-
-    def read_bytes(self, path: str) -> bytes:
-        """Returns the content of the file ``path``; raises ``FileNotFoundError`` if absent."""
-        ...
-
-    def list_dir(self, path: str) -> list[str]:
-        """Returns the names of the immediate children of the folder ``path``, sorted."""
-        ...
-
-
-class _FileBackend:
-    """Local filesystem paths, spelled plainly or as ``file://`` URLs."""
-
-    def normalize(self, path: str) -> str:
-        return os.path.abspath(os.path.expanduser(path))
-
-    def render(self, path: str) -> str:
-        return path
-
-    def kvstore_spec(self, path: str) -> dict[str, Any]:
-        return {"driver": "file", "path": path.rstrip("/") + "/"}
-
-    def ts_context(self) -> ts.Context:
-        # A fresh context per reader: a checkpoint replaced in place (``force``) must not be
-        # served from another reader's B-tree cache.
-        return ts.Context(_CONTEXT_SPEC)
-
-    def exists(self, path: str) -> bool:
-        return os.path.exists(path)
-
-    def is_dir(self, path: str) -> bool:
-        return os.path.isdir(path)
-
-    def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
-    def list_dir(self, path: str) -> list[str]:
-        return sorted(os.listdir(path))
-
-
-class _MemoryBackend:
-    """TensorStore's in-memory kvstore, shared by every ``memory://`` location of the process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._context: ts.Context | None = None
-        self._root: ts.KvStore | None = None
-
-    def normalize(self, path: str) -> str:
-        norm = posixpath.normpath("/" + path).lstrip("/")
-        return "" if norm == "." else norm
-
-    def render(self, path: str) -> str:
-        return f"memory://{path}"
-
-    def kvstore_spec(self, path: str) -> dict[str, Any]:
-        return {"driver": "memory", "path": path + "/" if path else ""}
-
-    def ts_context(self) -> ts.Context:
-        # The memory kvstore's content belongs to a context resource: every memory:// location
-        # must use the same context to see the same keys.
-        with self._lock:
-            if self._context is None:
-                self._context = ts.Context(_CONTEXT_SPEC)
-            return self._context
-
-    def _store(self) -> ts.KvStore:
-        if self._root is None:
-            self._root = ts.KvStore.open({"driver": "memory"}, context=self.ts_context()).result()
-        return self._root
-
-    def _keys_under(self, prefix: str) -> list[bytes]:
-        start = prefix.encode()
-        return list(self._store().list(ts.KvStore.KeyRange(start, start + b"\xff")).result())
-
-    def exists(self, path: str) -> bool:
-        return self._store().read(path).result().state == "value" or self.is_dir(path)
-
-    def is_dir(self, path: str) -> bool:
-        return bool(self._keys_under(path + "/" if path else ""))
-
-    def read_bytes(self, path: str) -> bytes:
-        result = self._store().read(path).result()
-        if result.state != "value":
-            raise FileNotFoundError(f"memory://{path}")
-        return bytes(result.value)
-
-    def list_dir(self, path: str) -> list[str]:
-        prefix = path + "/" if path else ""
-        names = {k.decode()[len(prefix) :].split("/", 1)[0] for k in self._keys_under(prefix)}
-        return sorted(names)
-
-
-_BACKENDS: dict[str, _Backend] = {"file": _FileBackend(), "memory": _MemoryBackend()}
+from ._backends import BACKENDS, Backend, ObjectStoreBackend
+from ._backends import configure_s3 as configure_s3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +43,14 @@ class Location:
         '/tmp/ckpt/_METADATA'
         >>> loc.kvstore_spec()
         {'driver': 'file', 'path': '/tmp/ckpt/'}
+        >>> Location.parse("s3://bucket/run/ckpt").kvstore_spec()["path"]
+        'run/ckpt/'
 
     Attributes:
-        scheme: the storage scheme, ``"file"`` or ``"memory"``.
-        path: the normalised path within the scheme: absolute for ``file``, relative to the
-            in-memory store's root for ``memory``.
+        scheme: the storage scheme: ``"file"``, ``"s3"``, ``"gs"`` or ``"memory"``.
+        path: the normalised path within the scheme: absolute for ``file``,
+            ``bucket/prefix`` for ``s3`` and ``gs``, relative to the in-memory store's root
+            for ``memory``.
     """
 
     scheme: str
@@ -184,17 +60,20 @@ class Location:
     def parse(cls, value: str | os.PathLike[str] | Location) -> Location:
         """Returns the location a path or URL names.
 
-        Plain paths and ``file://`` URLs become absolute local paths; ``memory://name`` names a
-        folder in the process-wide in-memory store.
+        Plain paths and ``file://`` URLs become absolute local paths; ``s3://bucket/prefix``
+        and ``gs://bucket/prefix`` name a prefix in a bucket; ``memory://name`` names a folder
+        in the process-wide in-memory store.
 
         Args:
-            value: a path, a ``file://`` or ``memory://`` URL, or a :class:`Location`.
+            value: a path, a ``file://``, ``s3://``, ``gs://`` or ``memory://`` URL, or a
+                :class:`Location`.
 
         Returns:
             The parsed location.
 
         Raises:
-            CheckpointFormatError: the URL scheme is not supported.
+            CheckpointFormatError: the URL scheme is not supported, or an object-store URL
+                names no bucket.
         """
         if isinstance(value, Location):
             return value
@@ -209,17 +88,22 @@ class Location:
                     f"{text}: expected a local file:// URL (file:///path), found host {host!r}"
                 )
             rest = urllib.parse.unquote(slash + tail)
-        backend = _BACKENDS.get(scheme)
+        backend = BACKENDS.get(scheme)
         if backend is None:
             raise CheckpointFormatError(
                 f"{text}: expected a local path or one of the schemes "
-                f"{', '.join(s + '://' for s in sorted(_BACKENDS))}, found {scheme}://"
+                f"{', '.join(s + '://' for s in sorted(BACKENDS))}, found {scheme}://"
             )
-        return cls(scheme, backend.normalize(rest))
+        path = backend.normalize(rest)
+        if isinstance(backend, ObjectStoreBackend) and rest.split("/", 1)[0] in ("", ".", ".."):
+            raise CheckpointFormatError(
+                f"{text}: expected {scheme}://BUCKET/PREFIX, found no bucket name"
+            )
+        return cls(scheme, path)
 
     @property
-    def _backend(self) -> _Backend:
-        return _BACKENDS[self.scheme]
+    def _backend(self) -> Backend:
+        return BACKENDS[self.scheme]
 
     def __str__(self) -> str:
         return self._backend.render(self.path)
@@ -231,13 +115,25 @@ class Location:
 
     @property
     def parent(self) -> Location:
-        """The folder that holds this location."""
-        return Location(self.scheme, self._backend.normalize(posixpath.dirname(self.path)))
+        """The folder that holds this location (an object store's bucket is its own parent)."""
+        parent = self._backend.normalize(posixpath.dirname(self.path))
+        if not parent and isinstance(self._backend, ObjectStoreBackend):
+            parent = self.path  # a bucket: no location names more than one bucket
+        return Location(self.scheme, parent)
 
     @property
     def local_path(self) -> pathlib.Path | None:
         """The local filesystem path, or ``None`` when the location is not on local disk."""
         return pathlib.Path(self.path) if self.scheme == "file" else None
+
+    @property
+    def has_atomic_rename(self) -> bool:
+        """Whether a folder can be renamed into place atomically (local disks only).
+
+        Where it cannot (object stores, ``memory://``), a checkpoint is complete only once its
+        commit marker exists.
+        """
+        return self._backend.atomic_rename
 
     def join(self, *parts: str) -> Location:
         """Returns the location of ``parts`` below this one.
@@ -250,11 +146,19 @@ class Location:
         """
         return Location(self.scheme, self._backend.normalize(posixpath.join(self.path, *parts)))
 
+    def is_within(self, other: Location) -> bool:
+        """Whether this location is ``other`` or lies below it (same scheme, path prefix)."""
+        if self.scheme != other.scheme:
+            return False
+        base = other.path.rstrip("/")
+        return self.path == other.path or self.path.startswith(base + "/")
+
     def kvstore_spec(self) -> dict[str, Any]:
         """Returns the TensorStore kvstore spec of this location as a folder.
 
         Returns:
-            A JSON spec such as ``{"driver": "file", "path": "/abs/ckpt/"}``, ready to be the
+            A JSON spec such as ``{"driver": "file", "path": "/abs/ckpt/"}`` or ``{"driver":
+            "s3", "bucket": "b", "path": "run/ckpt/", "endpoint": ...}``, ready to be the
             ``base`` of an ``ocdbt`` kvstore.
         """
         return self._backend.kvstore_spec(self.path)
@@ -263,16 +167,25 @@ class Location:
         """Returns a TensorStore context to open this location's kvstores with.
 
         Returns:
-            A new context for local files; the process-wide shared one for ``memory://``.
+            A new context for local files and object stores (with this module's retry and
+            credential settings); the process-wide shared one for ``memory://``.
         """
         return self._backend.ts_context()
 
     def exists(self) -> bool:
-        """Whether a file or folder exists here."""
+        """Whether a file or folder exists here.
+
+        Raises:
+            StorageError: the storage cannot be reached or refuses the request.
+        """
         return self._backend.exists(self.path)
 
     def is_dir(self) -> bool:
-        """Whether a folder exists here."""
+        """Whether a folder exists here.
+
+        Raises:
+            StorageError: the storage cannot be reached or refuses the request.
+        """
         return self._backend.is_dir(self.path)
 
     def read_bytes(self) -> bytes:
@@ -280,9 +193,30 @@ class Location:
 
         Raises:
             FileNotFoundError: there is no file here.
+            StorageError: the storage cannot be reached or refuses the request.
         """
         return self._backend.read_bytes(self.path)
 
     def list_dir(self) -> list[str]:
-        """Returns the sorted names of the files and folders directly in this folder."""
+        """Returns the sorted names of the files and folders directly in this folder.
+
+        Raises:
+            StorageError: the storage cannot be reached or refuses the request.
+        """
         return self._backend.list_dir(self.path)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Writes the file here, durably (local files are fsynced), replacing any.
+
+        Raises:
+            StorageError: the storage cannot be reached or refuses the request.
+        """
+        self._backend.write_bytes(self.path, data)
+
+    def delete_tree(self) -> None:
+        """Deletes the file or the whole folder here; nothing here is not an error.
+
+        Raises:
+            StorageError: the storage cannot be reached or refuses the request.
+        """
+        self._backend.delete_tree(self.path)

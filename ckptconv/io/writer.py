@@ -1,8 +1,10 @@
 """Streamed, atomic writing of Orbax OCDBT checkpoints that plain Orbax restores.
 
-:class:`CheckpointWriter` writes arrays one slab at a time into a temporary sibling folder of
-the destination and renames it into place only once everything (data, then ``_METADATA``,
-``_sharding``, ``_CHECKPOINT_METADATA``, then ``commit_success.txt``) is on disk. Memory stays
+:class:`CheckpointWriter` writes arrays one slab at a time and publishes the checkpoint only
+once everything (data, then ``_METADATA``, ``_sharding``, ``_CHECKPOINT_METADATA``, then
+``commit_success.txt``) is stored: on a local disk by renaming a temporary sibling folder into
+place, on an object store (``s3://``, ``gs://``, ``memory://``) by writing in place with
+``commit_success.txt`` last (see :mod:`ckptconv.io._commit`). Memory stays
 bounded: chunks are at most ``chunk_bytes`` (64 MiB by default) and writes are committed to
 disk in TensorStore transactions of about ``max_inflight_bytes``, each in the background while
 the next one fills (so about twice that is held at most).
@@ -23,9 +25,11 @@ host, with one difference: the OCDBT store is written directly at the item root 
 ``ocdbt.process_0/`` followed by a merge; Orbax reads both through the root ``manifest.ocdbt``.
 A cloned checkpoint keeps the source's files, ``ocdbt.process_<n>/d/`` included.
 
-Limits: local filesystems only (the commit is an ``os.rename``); one writer per destination; not
-thread-safe. Replacing an existing destination (``force=True``) takes two renames, so a crash
-between them leaves the old checkpoint under ``.<name>.ckptconv-old-<hex>`` and no destination.
+Limits: one writer per destination; not thread-safe. Replacing an existing local destination
+(``force=True``) takes two renames, so a crash between them leaves the old checkpoint under
+``.<name>.ckptconv-old-<hex>`` and no destination; on an object store ``force`` deletes the old
+checkpoint before writing. :meth:`CheckpointWriter.clone_from` copies local files, so it
+clones only from a local source into a local destination.
 A zarr3 array copied with its axes permuted carries a ``transpose`` codec: TensorStore, hence
 Orbax, reads it; a reader implementing only part of zarr v3 may not.
 """
@@ -34,8 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -43,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorstore as ts
 
-from ..errors import CheckpointWriteError, CkptconvError, DestinationExistsError
+from ..errors import CheckpointWriteError, CkptconvError
+from . import _commit
 from . import _format as fmt
 from . import _orbax_metadata as orbax_metadata
 from ._copy import plan_copy
@@ -73,7 +76,8 @@ class CheckpointWriter:
         ...         emb.write((slice(start, start + 4096),), rows[start : start + 4096])
 
     Args:
-        location: the destination item folder (a local path or ``file://`` URL).
+        location: the destination item folder: a local path or a ``file://``, ``s3://``,
+            ``gs://`` or ``memory://`` URL.
         force: replace an existing destination (only once the new one is complete).
         use_zarr3: store arrays as zarr v3 with a ``sharding_indexed`` codec (as MaxText does);
             ``False`` writes zarr v2 as ``ocp.StandardCheckpointer`` does.
@@ -86,8 +90,8 @@ class CheckpointWriter:
 
     Raises:
         DestinationExistsError: the destination exists and ``force`` is false.
-        CheckpointWriteError: the destination is not on a local filesystem, or
-            ``custom_metadata`` is not JSON-serialisable.
+        CheckpointWriteError: ``custom_metadata`` is not JSON-serialisable.
+        StorageError: the destination's storage cannot be reached or refuses the request.
     """
 
     def __init__(
@@ -102,11 +106,6 @@ class CheckpointWriter:
         max_inflight_bytes: int = 64 << 20,
     ) -> None:
         dest = Location.parse(location)
-        if dest.local_path is None:
-            raise CheckpointWriteError(
-                f"{dest}: expected a local destination, found a {dest.scheme}:// location; the "
-                "writer commits with an atomic rename on a local filesystem"
-            )
         try:
             json.dumps(custom_metadata)
         except (TypeError, ValueError) as e:
@@ -120,16 +119,16 @@ class CheckpointWriter:
         self._chunk_bytes = chunk_bytes
         self._target_data_file_size = target_data_file_size
         self._max_inflight_bytes = max_inflight_bytes
-        self._check_destination()
+        self._protocol = _commit.for_destination(dest, force=force)
+        self._protocol.check_destination()
         self._state = "new"
-        self._tmp: str | None = None
+        self._work: Location | None = None  # where data and metadata are being written
         self._init_ns = 0
         self._store: WriteStore | None = None
         self._leaves: dict[KeyPath, dict[str, Any]] = {}
         self._keys: dict[str, KeyPath] = {}
         self._handles: dict[KeyPath, ArrayHandle] = {}
         self._copied: set[KeyPath] = set()
-        self._created_dirs: list[str] = []  # ancestors of the destination made by _start
 
     def __repr__(self) -> str:
         return f"CheckpointWriter({str(self._dest)!r}, state={self._state})"
@@ -141,8 +140,11 @@ class CheckpointWriter:
 
     @property
     def temporary_location(self) -> Location | None:
-        """The temporary folder being written while the writer is open, else ``None``."""
-        return Location.parse(self._tmp) if self._tmp and self._state == "open" else None
+        """The temporary folder being written while the writer is open, else ``None``.
+
+        Object stores have none: the destination itself is written, committed by its marker.
+        """
+        return self._protocol.temporary if self._state == "open" else None
 
     def __enter__(self) -> CheckpointWriter:
         self._start()
@@ -324,7 +326,7 @@ class CheckpointWriter:
             raise
         except Exception as e:
             raise CheckpointWriteError(
-                f"{self._dest}: cloning the database of {reader.location} into {self._tmp} "
+                f"{self._dest}: cloning the database of {reader.location} into {self._work} "
                 f"failed: {fmt.one_line(e)}"
             ) from e
 
@@ -426,8 +428,9 @@ class CheckpointWriter:
 
         Commits every pending write, checks that every declared array was written in full and
         that the leaves form one tree, writes the metadata files with ``commit_success.txt``
-        last, then renames the temporary folder to the destination (replacing it when
-        ``force``, the old one deleted only after the new one is in place).
+        last, then (on a local disk) renames the temporary folder to the destination
+        (replacing it when ``force``, the old one deleted only after the new one is in place).
+        On an object store the checkpoint is complete once ``commit_success.txt`` is written.
 
         Returns:
             The destination.
@@ -444,19 +447,17 @@ class CheckpointWriter:
             self._store.drop_clone_leftovers()
             self._store.flush(wait=True)
             self._validate()
-            assert self._tmp is not None
-            orbax_metadata.write_item_metadata(
-                self._tmp,
-                self._leaves,
-                use_zarr3=self._use_zarr3,
-                custom_metadata=self._custom_metadata,
-                init_timestamp_ns=self._init_ns,
-                destination=str(self._dest),
+            self._protocol.commit(
+                lambda folder: orbax_metadata.write_item_metadata(
+                    folder,
+                    self._leaves,
+                    use_zarr3=self._use_zarr3,
+                    custom_metadata=self._custom_metadata,
+                    init_timestamp_ns=self._init_ns,
+                    destination=str(self._dest),
+                )
             )
-            os.remove(os.path.join(self._tmp, fmt.INCOMPLETE_MARKER))
-            orbax_metadata.fsync_dir(self._tmp)
-            self._check_destination()
-            self._move_into_place()
+            self._work = None
         except BaseException:
             self.abort()
             raise
@@ -469,14 +470,8 @@ class CheckpointWriter:
             if self._store is not None:
                 self._store.abort()
                 self._store = None
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
-            for folder in self._created_dirs:  # deepest first; only if still empty
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    break
+            self._protocol.abort()
+            self._work = None
         self._state = "aborted"
 
     # -- internals ----------------------------------------------------------------------------
@@ -487,35 +482,17 @@ class CheckpointWriter:
         if self._state != "open":
             raise CheckpointWriteError(f"{self._dest}: the writer is {self._state}")
 
-    def _check_destination(self) -> None:
-        if self._dest.exists() and not self._force:
-            raise DestinationExistsError(
-                f"{self._dest}: destination exists; pass --force (force=True) to replace it"
-            )
-
     def _start(self) -> None:
         if self._state == "open":
             return
         if self._state != "new":
             raise CheckpointWriteError(f"{self._dest}: the writer is {self._state}")
-        dest = str(self._dest)
-        parent, name = os.path.dirname(dest), os.path.basename(dest)
-        missing = parent
-        while not os.path.exists(missing):
-            self._created_dirs.append(missing)
-            missing = os.path.dirname(missing)
-        os.makedirs(parent, exist_ok=True)
-        self._tmp = os.path.join(parent, f".{name}{fmt.TMP_INFIX}{secrets.token_hex(6)}")
-        os.mkdir(self._tmp)
+        # The protocol writes the in-progress marker first (see _commit).
+        self._work = self._protocol.start()
         self._state = "open"
         self._init_ns = time.time_ns()
-        # The marker goes first: a folder holding it is never taken for a complete checkpoint,
-        # whatever happens to its name later.
-        orbax_metadata.write_file(
-            os.path.join(self._tmp, fmt.INCOMPLETE_MARKER), b"ckptconv write in progress\n"
-        )
         self._store = WriteStore(
-            self._tmp,
+            self._work,
             target_data_file_size=self._target_data_file_size,
             max_inflight_bytes=self._max_inflight_bytes,
             where=str(self._dest),
@@ -578,20 +555,3 @@ class CheckpointWriter:
                     f"{handle.shape} written, found {handle.elements_written}"
                 )
         orbax_metadata.check_tree({p: leaf["key_types"] for p, leaf in self._leaves.items()})
-
-    def _move_into_place(self) -> None:
-        assert self._tmp is not None
-        dest = str(self._dest)
-        parent, name = os.path.dirname(dest), os.path.basename(dest)
-        old = None
-        if os.path.lexists(dest):
-            old = os.path.join(parent, f".{name}.ckptconv-old-{secrets.token_hex(6)}")
-            os.rename(dest, old)
-        os.rename(self._tmp, dest)
-        self._tmp = None
-        orbax_metadata.fsync_dir(parent)
-        if old is not None:
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.remove(old)

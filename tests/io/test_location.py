@@ -35,7 +35,7 @@ def test_file_url_with_a_remote_host_is_refused():
         Location.parse("file://otherhost/data")
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/prefix", "gs://bucket/prefix", "ftp://x/y"])
+@pytest.mark.parametrize("url", ["ftp://x/y", "hdfs://nn/path"])
 def test_unsupported_schemes_are_refused_with_the_scheme_named(url):
     with pytest.raises(CheckpointFormatError) as info:
         Location.parse(url)
@@ -103,3 +103,80 @@ def test_parse_accepts_os_pathlike(tmp_path):
             return str(tmp_path)
 
     assert Location.parse(P()) == Location.parse(pathlib.Path(tmp_path))
+
+
+@pytest.mark.parametrize("scheme, driver", [("s3", "s3"), ("gs", "gcs")])
+def test_object_store_urls_parse_to_bucket_and_prefix(scheme, driver, monkeypatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    loc = Location.parse(f"{scheme}://bucket-a//run/./ckpt/")
+    assert loc.scheme == scheme and loc.path == "bucket-a/run/ckpt"
+    assert str(loc) == f"{scheme}://bucket-a/run/ckpt"
+    assert loc.kvstore_spec() == {"driver": driver, "bucket": "bucket-a", "path": "run/ckpt/"}
+    assert loc.join("2", "items").parent == loc.join("2")
+    assert Location.parse(f"{scheme}://bucket-a").kvstore_spec()["path"] == ""
+    assert Location.parse(f"{scheme}://bucket-a").parent == Location.parse(f"{scheme}://bucket-a")
+    assert loc.local_path is None and not loc.has_atomic_rename
+    # TensorStore accepts the spec with this module's context (no request is made to open it).
+    ts.KvStore.open(loc.kvstore_spec(), context=loc.ts_context()).result()
+
+
+def test_s3_endpoint_and_region_come_from_the_environment_or_configure_s3(monkeypatch):
+    from ckptconv.io import configure_s3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    loc = Location.parse("s3://bucket-a/ckpt")
+    spec = loc.kvstore_spec()
+    assert spec["endpoint"] == "http://127.0.0.1:9" and spec["aws_region"] == "eu-west-3"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")
+    assert loc.kvstore_spec()["endpoint"] == "http://127.0.0.1:10"
+    try:
+        configure_s3(endpoint="http://127.0.0.1:11", region="us-west-2")
+        spec = loc.kvstore_spec()
+        assert spec["endpoint"] == "http://127.0.0.1:11" and spec["aws_region"] == "us-west-2"
+    finally:
+        configure_s3()
+    assert loc.kvstore_spec()["endpoint"] == "http://127.0.0.1:10"
+    with pytest.raises(CheckpointFormatError, match="http"):
+        configure_s3(endpoint="127.0.0.1:9000")
+
+
+@pytest.mark.parametrize("url", ["s3://", "gs:///prefix", "s3://."])
+def test_object_store_url_without_bucket_is_refused(url):
+    with pytest.raises(CheckpointFormatError, match="no bucket"):
+        Location.parse(url)
+
+
+def test_is_within_and_atomic_rename(tmp_path):
+    a = Location.parse("s3://b/run/ckpt")
+    assert a.join("x").is_within(a) and a.is_within(a)
+    assert not Location.parse("s3://b/run/ckpt2").is_within(a)
+    assert not Location.parse("gs://b/run/ckpt/x").is_within(a)
+    assert Location.parse(tmp_path).has_atomic_rename
+    assert not Location.parse("memory://x").has_atomic_rename
+    assert Location.parse("memory://x").parent == Location.parse("memory://")
+
+
+def test_memory_write_and_delete_tree():
+    loc = Location.parse("memory://tests/location/delete")
+    loc.join("a/b").write_bytes(b"1")
+    loc.join("c").write_bytes(b"2")
+    Location.parse("memory://tests/location/delete2/k").write_bytes(b"3")
+    assert loc.list_dir() == ["a", "c"]
+    loc.join("a").delete_tree()
+    assert loc.list_dir() == ["c"]
+    loc.delete_tree()
+    assert not loc.exists()
+    assert Location.parse("memory://tests/location/delete2/k").read_bytes() == b"3"
+
+
+def test_file_write_and_delete_tree(tmp_path):
+    loc = Location.parse(tmp_path / "d")
+    loc.join("sub", "f").write_bytes(b"x")
+    assert (tmp_path / "d" / "sub" / "f").read_bytes() == b"x"
+    loc.join("sub", "f").delete_tree()
+    assert not (tmp_path / "d" / "sub" / "f").exists()
+    loc.delete_tree()
+    assert not (tmp_path / "d").exists()
+    loc.delete_tree()  # nothing there: not an error

@@ -1,0 +1,79 @@
+"""Per-process OCDBT databases merged into one checkpoint that plain Orbax restores."""
+
+from __future__ import annotations
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ckptconv.errors import CheckpointWriteError
+from ckptconv.io import CheckpointReader, CheckpointWriter
+from ckptconv.io.multiprocess import MergingWriter, ProcessStoreWriter
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
+
+W = ("params", "w")
+ROWS = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+
+
+def write_halves(folder, *, skip_second: bool = False, use_zarr3: bool = True) -> None:
+    """Process 0 writes rows 0..31 of W and the step, process 1 rows 32..63."""
+    for i in (0, 1):
+        with ProcessStoreWriter(folder, i, use_zarr3=use_zarr3) as w:
+            h = w.create(W, ROWS.shape, "float32", chunk_shape=(32, 256))
+            if i == 0:
+                h.write((slice(0, 32),), ROWS[:32])
+                w.write(("step",), np.int32(3))
+            elif not skip_second:
+                h.write((slice(32, 64),), ROWS[32:])
+
+
+@pytest.mark.parametrize("use_zarr3", [True, False], ids=["zarr3", "zarr2"])
+def test_merged_processes_restore_with_orbax(tmp_path, use_zarr3):
+    dst = tmp_path / "out"
+    with MergingWriter(dst, use_zarr3=use_zarr3) as merging:
+        write_halves(merging.folder.local_path, use_zarr3=use_zarr3)
+        merged = merging.merge([0, 1], shapes={W: ROWS.shape, ("step",): ()})
+    assert set(merged) == {W, ("step",)}
+    assert sorted(p.name for p in dst.iterdir() if p.name.startswith("ocdbt.")) == [
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    ]
+    restored = ocp.PyTreeCheckpointer().restore(str(dst))
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), ROWS)
+    assert int(restored["step"]) == 3
+    # The root database refers to the processes' values; it holds only its B-tree.
+    root_bytes = sum(f.stat().st_size for f in (dst / "d").iterdir())
+    assert root_bytes < 4096 < ROWS.nbytes / 8
+
+
+def test_a_piece_no_process_wrote_is_an_error(tmp_path):
+    dst = tmp_path / "out"
+    with pytest.raises(CheckpointWriteError, match=r"expected 2 chunks .* found 1"):
+        with MergingWriter(dst) as merging:
+            write_halves(merging.folder.local_path, skip_second=True)
+            merging.merge([0, 1], shapes={W: ROWS.shape, ("step",): ()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_process_without_record_is_an_error(tmp_path):
+    with pytest.raises(CheckpointWriteError, match="process 2 left no record"):
+        with MergingWriter(tmp_path / "out") as merging:
+            write_halves(merging.folder.local_path)
+            merging.merge([0, 1, 2])
+
+
+def test_copy_of_some_chunks(tmp_path):
+    src = tmp_path / "src"
+    with CheckpointWriter(src, chunk_bytes=32 * 256 * 4) as w:
+        w.write(W, ROWS)
+    reader = CheckpointReader(src)
+    keys = reader.chunk_keys(W)
+    assert len(keys) == 2
+    dst = tmp_path / "out"
+    with MergingWriter(dst) as merging:
+        for i, key in enumerate(keys):
+            with ProcessStoreWriter(merging.folder, i) as w:
+                w.copy_array(("model", "w"), reader, W, axes=(1, 0), chunks={key})
+        merging.merge([0, 1], shapes={("model", "w"): (256, 64)})
+    np.testing.assert_array_equal(CheckpointReader(dst).read(("model", "w")), ROWS.T)
