@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import time
 from typing import Protocol
 
@@ -298,6 +299,9 @@ def initialize(
     state = jax_distributed.global_state
     if state.client is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+        if coordinator and process_id:
+            _wait_for_port(coordinator, timeout)
         try:
             jax.distributed.initialize(
                 coordinator_address=coordinator,
@@ -322,3 +326,23 @@ def initialize(
             f"{state.num_processes}, not {process_id} of {num_processes}"
         )
     return ProcessGroup(state.client, state.process_id, state.num_processes, timeout=timeout)
+
+
+def _wait_for_port(address: str, timeout: float) -> None:
+    """Waits until something listens at ``HOST:PORT`` (process 0's coordination service).
+
+    A client that connects before the service listens waits out gRPC's reconnect backoff
+    (about a second) before it tries again; starting every process at once makes that likely.
+    Gives up silently after ``timeout`` seconds: jax.distributed then reports the failure.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)

@@ -14,16 +14,18 @@ those :func:`~ckptconv.convert.convert` writes.
 
 If a process fails, it records why before stopping; the others stop at their next check (at
 least once per slab or copied array) with ``process <i> of <n> failed: <reason>``, process 0
-deletes the unfinished folder, and nothing is committed. A process killed outright is
-detected by jax.distributed, which terminates the others (see :mod:`._group`); its unfinished
+deletes the unfinished folder, and nothing is committed. Every wait gives up once no process
+has made progress for the group's timeout. A process killed outright is noticed by
+jax.distributed after its heartbeat timeout, which then terminates the others (see
+:mod:`._group`; ``ckptconv launch`` stops them at once); the unfinished
 ``.<name>.ckptconv-tmp-<hex>`` folder then stays, as after a killed single-process run.
 
 Limits: the single-process fast path that clones the source's data files (``cp``-like) is not
-used: each process copies its chunks' stored bytes instead, so a conversion that is only
-renames and axis moves is bound by the disk, not the processes. Every process must see the
-source and the destination folder at the same paths. Start the processes with
-``ckptconv launch`` on one host, or with any launcher that sets the jax.distributed
-settings (``--coordinator``, ``--num-processes``, ``--process-id``).
+used: each process reads and rewrites its chunks' stored bytes instead, which is several times
+slower than the clone (see BENCHMARKS.md): run conversions that only rename and move axes in
+one process. Every process must see the source and the destination folder at the same paths.
+Start the processes with ``ckptconv launch`` on one host, or with any launcher that sets the
+jax.distributed settings (``--coordinator``, ``--num-processes``, ``--process-id``).
 """
 
 from __future__ import annotations
@@ -161,8 +163,10 @@ class ProcessSettings:
 
     Attributes:
         coordinator: ``HOST:PORT`` of process 0; ``None`` reads ``JAX_COORDINATOR_ADDRESS``.
-        num_processes: how many processes; ``None`` asks the cluster environment.
-        process_id: this process's index; ``None`` asks the cluster environment.
+        num_processes: how many processes; ``None`` reads ``JAX_NUM_PROCESSES``, else asks
+            the cluster environment (SLURM, Open MPI, ...) as jax.distributed does.
+        process_id: this process's index; ``None`` reads ``JAX_PROCESS_ID``, else asks the
+            cluster environment.
         timeout: seconds any wait goes on while no process makes progress.
     """
 

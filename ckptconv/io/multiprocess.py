@@ -18,8 +18,9 @@ sure every process has finished before :meth:`MergingWriter.merge` runs.
 
 Limits: both classes extend :class:`CheckpointWriter` through its internals (its commit
 protocol object, its store, its leaf records and validation); a change there must be mirrored
-here (``tests/convert/test_distributed.py`` covers both). Every process must see the same
-folder (one host, or a filesystem or object store shared by all hosts).
+here (``tests/io/test_multiprocess.py`` and ``tests/convert/test_distributed.py`` cover
+both). Every process must see the same folder (one host, or a filesystem or object store
+shared by all hosts).
 """
 
 from __future__ import annotations
