@@ -313,9 +313,11 @@ def timed_processes(cmd: list[str]) -> tuple[float, list[dict]]:
     """Runs a ``--json`` conversion; returns (wall seconds, each process's JSON summary).
 
     A launched command prefixes every line with ``[i] ``; a plain one prints one document.
+    The command runs under GNU time, which is small: a process forked from this (larger)
+    script would report this script's pages in its ``ru_maxrss``.
     """
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-2000:]}")
