@@ -54,7 +54,7 @@ from ._group import (
 )
 from .expr import Src, permuted_source, slab_boxes, source_chunk_box
 from .layouts import OutLeaf
-from .plan import DEFAULT_OPTIONS, ConvertOptions, Plan, check_against
+from .plan import DEFAULT_OPTIONS, ConvertOptions, Plan, require_target
 from .run import (
     _INFLIGHT_BYTES,
     _OUT_CHUNK_BYTES,
@@ -455,12 +455,7 @@ def convert_distributed(
     try:
         reader = CheckpointReader(src)
         plan = make_plan(reader, direction, options)
-        if target is not None:
-            problems = check_against(plan.output_leaves(), target)
-            if problems:
-                shown = "; ".join(str(p) for p in problems[:5])
-                more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-                raise PlanError(f"output does not match the target: {shown}{more}")
+        require_target(plan, target)
         dst_loc = Location.parse(dst)
         _check_paths(reader.location, dst_loc)
         if not force and dst_loc.exists():

@@ -349,6 +349,27 @@ def check_against(
     return sorted(out, key=lambda m: (order[m.problem], m.path))
 
 
+def mismatch_error(problems: list[Mismatch], what: str) -> PlanError:
+    """A one-line PlanError listing the first five problems (``what: p1; p2 ... (and N more)``)."""
+    shown = "; ".join(str(p) for p in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return PlanError(f"{what}: {shown}{more}")
+
+
+def require_target(plan: Plan, target: dict | None) -> None:
+    """Raises a PlanError naming every difference when ``plan``'s output does not match.
+
+    Args:
+        plan: the plan.
+        target: ``{path: (shape, dtype)}`` (see :func:`abstract_tree_leaves`), or None.
+    """
+    if target is None:
+        return
+    problems = check_against(plan.output_leaves(), target)
+    if problems:
+        raise mismatch_error(problems, "output does not match the target")
+
+
 def abstract_tree_leaves(model) -> dict[KeyPath, tuple[tuple[int, ...], str]]:
     """Returns the NNX checkpoint leaves a model should have: ``{path: (shape, dtype)}``.
 

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import DestinationExistsError, PlanError
+from ..errors import DestinationExistsError
 from ..io import ArrayHandle, CheckpointReader, CheckpointWriter, Location
 from ..io import _format as fmt
 from ..io._zarr import choose_chunk_shape
@@ -62,9 +62,9 @@ from .plan import (
     DEFAULT_OPTIONS,
     ConvertOptions,
     Plan,
-    check_against,
     plan_linen_to_nnx,
     plan_nnx_to_linen,
+    require_target,
 )
 
 Progress = Callable[[int, int, str], None]
@@ -218,12 +218,7 @@ def convert(
     """
     reader = CheckpointReader(src)
     plan = make_plan(reader, direction, options)
-    if target is not None:
-        problems = check_against(plan.output_leaves(), target)
-        if problems:
-            shown = "; ".join(str(p) for p in problems[:5])
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise PlanError(f"output does not match the target: {shown}{more}")
+    require_target(plan, target)
     if dst is None:
         return ConvertResult(plan, None, 0.0, 0, peak_rss_bytes())
     dst_loc = Location.parse(dst)
