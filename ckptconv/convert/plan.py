@@ -10,7 +10,6 @@ metadata, so ``nnx-to-linen`` returns the original tree byte for byte.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
@@ -70,7 +69,6 @@ class Plan:
         target_layout: the output's layout name.
         leaves: the output leaves in write order.
         custom_metadata: written into the output checkpoint (records how to invert).
-        source_leaves: the source's metadata.
     """
 
     direction: str
@@ -78,7 +76,6 @@ class Plan:
     target_layout: str
     leaves: list[OutLeaf]
     custom_metadata: dict
-    source_leaves: dict[KeyPath, Leaf]
 
     @property
     def nbytes(self) -> int:
@@ -212,7 +209,7 @@ def plan_linen_to_nnx(
         info["step_dtype"] = tree.step.dtype
     out = get_layout("nnx").emit(tree)
     meta = {INFO_KEY: info}
-    return Plan("linen-to-nnx", src_layout, "nnx", out, meta, leaves)
+    return Plan("linen-to-nnx", src_layout, "nnx", out, meta)
 
 
 def plan_nnx_to_linen(
@@ -264,7 +261,7 @@ def plan_nnx_to_linen(
     meta: dict = {}
     if target == "maxtext":
         meta["scan_layers"] = rules.is_scanned(tree, families)
-    return Plan("nnx-to-linen", "nnx", target, out, meta, leaves)
+    return Plan("nnx-to-linen", "nnx", target, out, meta)
 
 
 def _restack(
@@ -397,8 +394,3 @@ def abstract_tree_leaves(model) -> dict[KeyPath, tuple[tuple[int, ...], str]]:
 
     walk(model, ())
     return out
-
-
-def dumps(plan: Plan) -> str:
-    """Returns the plan as a JSON document."""
-    return json.dumps(plan.to_dict(), indent=1)
