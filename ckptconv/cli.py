@@ -25,7 +25,7 @@ def _one_line(msg: str) -> str:
 
 
 def user_errors(fn):
-    """Turns :class:`CkptconvError` into a one-line message and exit code 2.
+    """Turns :class:`CkptconvError` (and any OS error) into a one-line message and exit 2.
 
     An error may carry its own ``exit_code`` (3: this process of a multi-process conversion
     stopped because another one failed).
@@ -38,6 +38,13 @@ def user_errors(fn):
         except CkptconvError as e:
             click.echo(f"ckptconv: error: {_one_line(str(e))}", err=True)
             sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
+        except OSError as e:
+            # The library raises OS failures as StorageError; this is the net for any that
+            # still escapes (a path, a full disk): one line naming the path, never a traceback.
+            from .io import describe_os_error
+
+            click.echo(f"ckptconv: error: {_one_line(describe_os_error(e))}", err=True)
+            sys.exit(EXIT_USER_ERROR)
 
     return wrapper
 

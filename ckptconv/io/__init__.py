@@ -1,5 +1,7 @@
 """Lazy Orbax checkpoint reading and streamed, atomic writing over TensorStore."""
 
+from ._oserrors import describe_os_error as describe_os_error
+from ._oserrors import os_errors as os_errors
 from .handle import ArrayHandle as ArrayHandle
 from .leaf import KeyPath as KeyPath
 from .leaf import Leaf as Leaf

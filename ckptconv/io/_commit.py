@@ -36,6 +36,7 @@ from collections.abc import Callable
 from ..errors import DestinationExistsError, StorageError
 from . import _format as fmt
 from . import _orbax_metadata as orbax_metadata
+from ._oserrors import os_errors
 from .location import Location
 
 _IN_PROGRESS = b"ckptconv write in progress\n"
@@ -101,10 +102,18 @@ class RenameCommit(CommitProtocol):
         return None if self._tmp is None else Location.parse(self._tmp)
 
     def start(self) -> Location:
+        try:
+            with os_errors(self.dest, "creating the temporary folder"):
+                return self._start()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _start(self) -> Location:
         dest = str(self.dest.local_path)
         parent, name = os.path.dirname(dest), os.path.basename(dest)
         missing = parent
-        while not os.path.exists(missing):
+        while not os.path.lexists(missing):
             self._created_dirs.append(missing)
             missing = os.path.dirname(missing)
         os.makedirs(parent, exist_ok=True)
@@ -116,12 +125,15 @@ class RenameCommit(CommitProtocol):
         return Location.parse(self._tmp)
 
     def commit(self, write_metadata: Callable[[Location], None]) -> None:
-        assert self._tmp is not None
-        write_metadata(Location.parse(self._tmp))
-        os.remove(os.path.join(self._tmp, fmt.INCOMPLETE_MARKER))
-        orbax_metadata.fsync_dir(self._tmp)
+        if self._tmp is None:
+            raise StorageError(f"{self.dest}: commit without a started write")
+        with os_errors(self.dest, "writing the metadata files"):
+            write_metadata(Location.parse(self._tmp))
+            os.remove(os.path.join(self._tmp, fmt.INCOMPLETE_MARKER))
+            orbax_metadata.fsync_dir(self._tmp)
         self.check_destination()
-        self._move_into_place()
+        with os_errors(self.dest, "moving the finished checkpoint into place"):
+            self._move_into_place()
 
     def abort(self) -> None:
         if self._tmp is not None:
@@ -130,8 +142,11 @@ class RenameCommit(CommitProtocol):
         for folder in self._created_dirs:  # deepest first; only if still empty
             try:
                 os.rmdir(folder)
+            except FileNotFoundError:
+                continue  # start() failed before making it
             except OSError:
                 break
+        self._created_dirs = []
 
     def _move_into_place(self) -> None:
         assert self._tmp is not None
@@ -141,7 +156,12 @@ class RenameCommit(CommitProtocol):
         if os.path.lexists(dest):
             old = os.path.join(parent, f".{name}.ckptconv-old-{secrets.token_hex(6)}")
             os.rename(dest, old)
-        os.rename(self._tmp, dest)
+        try:
+            os.rename(self._tmp, dest)
+        except OSError:
+            if old is not None:  # put the old checkpoint back: never leave no destination
+                os.rename(old, dest)
+            raise
         self._tmp = None
         orbax_metadata.fsync_dir(parent)
         if old is not None:
