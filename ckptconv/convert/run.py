@@ -304,7 +304,7 @@ def _worth_cloning(
     Bytes the source's files hold but its B-tree does not refer to (left by rewrites) are
     not counted: a clone carries them over exactly as ``cp -r`` would.
     """
-    if reader.location.local_path is None:
+    if reader.location.local_path is None or not reader.use_ocdbt:
         return False
     contents = reader.ocdbt_contents()
     total = sum(contents.value_bytes.values())

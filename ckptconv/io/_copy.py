@@ -26,7 +26,7 @@ class ArrayCopy:
     """How to copy one source array verbatim under a new key.
 
     Attributes:
-        source_key: the source array's OCDBT key prefix.
+        source_key: the source array's key prefix (in its OCDBT store or folder).
         doc_name: the zarr metadata document's name (``zarr.json`` or ``.zarray``).
         metadata: the output's zarr metadata document.
         chunk_keys: ``(source key, output key)`` of every chunk, relative to the array prefix.
@@ -69,7 +69,7 @@ def plan_copy(
         ValueError: ``axes`` is not a permutation of the array's axes.
     """
     path = tuple(path)
-    if reader.use_zarr3 != use_zarr3:
+    if reader.use_zarr3 != use_zarr3 or not reader.stores_chunks(path):
         return None
     doc = reader.zarr_metadata(path)  # raises LayoutError unless path is an array leaf
     leaf = reader.leaves()[path]
@@ -84,10 +84,9 @@ def plan_copy(
     write_shape = reader.write_shape(path)
     if write_shape is None or len(write_shape) != len(chunk):
         write_shape = chunk
-    key = fmt.array_key(path)
     return ArrayCopy(
-        source_key=key,
-        doc_name=fmt.zarr_metadata_key(path, use_zarr3)[len(key) + 1 :],
+        source_key=reader.array_key(path),
+        doc_name="zarr.json" if use_zarr3 else ".zarray",
         metadata=metadata,
         chunk_keys=chunk_keys,
         shape=tuple(_permute.permute(leaf.shape, perm)),

@@ -62,8 +62,15 @@ def _check_committed(item: Location) -> None:
     )
 
 
+def _is_file(location: Location) -> bool:
+    return location.exists() and not location.is_dir()
+
+
 def _has_metadata(location: Location) -> bool:
-    return location.join(fmt.METADATA_FILE).exists()
+    """Whether an item's tree is described here: ``_METADATA``, or older Orbax's msgpack."""
+    return location.join(fmt.METADATA_FILE).exists() or _is_file(
+        location.join(fmt.LEGACY_MSGPACK_FILE)
+    )
 
 
 def _step_item(step: Location) -> Location | None:
@@ -111,11 +118,6 @@ def _find_item(location: Location) -> Location:
     _check_not_partial(location)
     if _has_metadata(location):
         return location
-    if location.join(fmt.LEGACY_MSGPACK_FILE).exists():
-        raise CheckpointFormatError(
-            f"{location}: expected an Orbax OCDBT checkpoint (_METADATA), found a legacy msgpack "
-            f"'{fmt.LEGACY_MSGPACK_FILE}' file, which ckptconv does not read"
-        )
     item = _step_item(location)
     if item is not None:
         _check_not_partial(item)
@@ -150,12 +152,34 @@ def _find_item(location: Location) -> Location:
 
 
 def load_metadata(location: Location) -> dict[str, Any]:
-    """Reads and checks the ``_METADATA`` of an item folder.
+    """Reads and checks the ``_METADATA`` of an item folder (or older Orbax's msgpack tree).
+
+    Returns:
+        The document, with ``use_ocdbt`` set to how the arrays are stored: in one OCDBT
+        database (``manifest.ocdbt``) or one zarr folder per array.
 
     Raises:
-        CheckpointFormatError: it is missing, not JSON, not an Orbax tree, or not OCDBT.
+        CheckpointFormatError: it is missing, not JSON, not an Orbax tree, or says OCDBT where
+            there is no OCDBT manifest.
     """
     where = location.join(fmt.METADATA_FILE)
+    if not where.exists() and _is_file(location.join(fmt.LEGACY_MSGPACK_FILE)):
+        from ._legacy import load_legacy_metadata
+
+        doc = load_legacy_metadata(location)
+    else:
+        doc = _load_json_metadata(where)
+    has_manifest = location.join(fmt.OCDBT_MANIFEST_FILE).exists()
+    if doc.get("use_ocdbt") is True and not has_manifest:
+        raise CheckpointFormatError(
+            f"{location}: expected an OCDBT manifest ({fmt.OCDBT_MANIFEST_FILE}) as _METADATA "
+            "says use_ocdbt=true, found none (the checkpoint is incomplete or damaged)"
+        )
+    doc["use_ocdbt"] = bool(doc.get("use_ocdbt", has_manifest)) and has_manifest
+    return doc
+
+
+def _load_json_metadata(where: Location) -> dict[str, Any]:
     try:
         raw = where.read_bytes()
     except OSError as e:
@@ -178,13 +202,6 @@ def load_metadata(location: Location) -> dict[str, Any]:
         raise CheckpointFormatError(
             f"{where}: expected an Orbax PyTree metadata object with a 'tree_metadata' object, "
             f"found {found}"
-        )
-    if doc.get("use_ocdbt") is False or not location.join(fmt.OCDBT_MANIFEST_FILE).exists():
-        raise CheckpointFormatError(
-            f"{location}: expected an OCDBT checkpoint ({fmt.OCDBT_MANIFEST_FILE}, use_ocdbt "
-            f"true), found use_ocdbt={doc.get('use_ocdbt')!r} and "
-            f"{'a' if location.join(fmt.OCDBT_MANIFEST_FILE).exists() else 'no'} manifest; "
-            "re-save it with Orbax's default use_ocdbt=True"
         )
     return doc
 

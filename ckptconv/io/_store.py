@@ -131,7 +131,7 @@ class WriteStore:
         """
         src = reader.location
         dest = self._folder.local_path
-        if src.local_path is None or dest is None:
+        if src.local_path is None or dest is None or not reader.use_ocdbt:
             return False
         # Files are copied unread: check first that none is missing or truncated.
         reader.check_data_files()

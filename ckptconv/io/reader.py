@@ -1,13 +1,17 @@
-"""Lazy reading of Orbax OCDBT checkpoints: metadata first, arrays one slab at a time.
+"""Lazy reading of Orbax PyTree checkpoints: metadata first, arrays one slab at a time.
 
 :class:`CheckpointReader` learns every key, shape and dtype from ``_METADATA`` and the zarr
-metadata documents inside the OCDBT store, without decoding any array, and opens arrays only
-when asked. For copying arrays without decoding them it also lists an array's stored chunk
-keys and walks the OCDBT B-tree (which files hold what). Shapes are the zarr metadata's, so
-an array stored with a ``transpose`` codec reads with its logical (permuted) shape.
+metadata documents, without decoding any array, and opens arrays only when asked. For copying
+arrays without decoding them it also lists an array's stored chunk keys and (OCDBT) walks the
+B-tree (which files hold what). Shapes are the zarr metadata's, so an array stored with a
+``transpose`` codec reads with its logical (permuted) shape.
 
-It reads what Orbax >= 0.12 writes with ``use_ocdbt=True`` (zarr2 or zarr3); the older
-per-array folder layout and msgpack checkpoints are refused with a clear message.
+It reads both ways Orbax stores arrays (zarr2 or zarr3): in one OCDBT database
+(``use_ocdbt=True``, the default since Orbax 0.5) or in one folder per array named by its
+'.'-joined key path (``use_ocdbt=False``, as older Orbax and MaxText on Pathways write). The tree
+comes from ``_METADATA`` or, in older Orbax folders, from the msgpack ``checkpoint`` file whose
+array leaves are ``PLACEHOLDER://<name>`` strings (see :mod:`ckptconv.io._legacy`); small values
+stored inline there are held in memory.
 
 Limits: a chunk whose compressed bytes are garbled in a way that still decodes (Orbax writes
 zstd frames without checksums) cannot be detected; truncated or missing data is.
@@ -56,7 +60,14 @@ class CheckpointReader:
         self._location = _item.resolve_item(Location.parse(location))
         self._metadata = _item.load_metadata(self._location)
         self._use_zarr3 = bool(self._metadata.get("use_zarr3", False))
+        self._use_ocdbt = bool(self._metadata["use_ocdbt"])
         self._entries = _item.parse_tree_metadata(self._location, self._metadata["tree_metadata"])
+        by_tree_key = {fmt.tree_key(p): p for p in self._entries}
+        for tree_key, name in self._metadata.get("legacy_keys", {}).items():
+            self._entries[by_tree_key[tree_key]]["key"] = name
+        self._inline: dict[KeyPath, np.ndarray] = {
+            by_tree_key[k]: v for k, v in self._metadata.get("inline", {}).items()
+        }
         self._lock = threading.RLock()
         self._context: ts.Context | None = None
         self._kvstore: ts.KvStore | None = None
@@ -81,27 +92,41 @@ class CheckpointReader:
         return self._use_zarr3
 
     @property
+    def use_ocdbt(self) -> bool:
+        """Whether arrays are stored in one OCDBT database rather than one folder each."""
+        return self._use_ocdbt
+
+    @property
+    def format_name(self) -> str:
+        """The source format's registry name: ``"ocdbt"`` or ``"zarr"`` (folder per array)."""
+        return "ocdbt" if self._use_ocdbt else "zarr"
+
+    @property
     def metadata(self) -> Mapping[str, Any]:
         """The parsed ``_METADATA`` document, as Orbax wrote it."""
         return self._metadata
 
     @property
     def kvstore(self) -> ts.KvStore:
-        """The opened OCDBT kvstore of the item, for byte-level access (keys are array keys)."""
+        """The item's kvstore, for byte-level access (keys start with array keys).
+
+        The OCDBT database, or the item folder itself when each array has its own folder.
+        """
         with self._lock:
             if self._kvstore is None:
                 self._context = self._location.ts_context()
-                spec = {
-                    "driver": "ocdbt",
-                    "base": self._location.kvstore_spec(),
-                    "cache_pool": "cache_pool#ocdbt",
-                }
+                spec: dict[str, Any] = self._location.kvstore_spec()
+                if self._use_ocdbt:
+                    spec = {"driver": "ocdbt", "base": spec, "cache_pool": "cache_pool#ocdbt"}
                 try:
                     self._kvstore = ts.KvStore.open(spec, context=self._context).result()
                 except Exception as e:  # TensorStore reports I/O and format errors this way.
+                    what = "folder"
+                    if self._use_ocdbt:
+                        what = f"OCDBT store ({fmt.OCDBT_MANIFEST_FILE})"
                     raise CheckpointFormatError(
-                        f"{self._location}: expected a readable OCDBT store "
-                        f"({fmt.OCDBT_MANIFEST_FILE}), found an error: {fmt.one_line(e)}"
+                        f"{self._location}: expected a readable {what}, found an error: "
+                        f"{fmt.one_line(e)}"
                     ) from e
             return self._kvstore
 
@@ -118,8 +143,22 @@ class CheckpointReader:
         return self._custom_metadata
 
     def array_key(self, path: KeyPath) -> str:
-        """Returns the OCDBT key prefix of an array: its '.'-joined key path."""
+        """Returns the key prefix of an array: its '.'-joined key path, or its placeholder name."""
+        entry = self._entries.get(tuple(path))
+        if entry is not None and entry.get("key"):
+            return entry["key"]
         return fmt.array_key(tuple(path))
+
+    def stores_chunks(self, path: KeyPath) -> bool:
+        """Whether an array is stored as zarr chunks (which can be copied verbatim).
+
+        ``False`` for values held inline in an older Orbax ``checkpoint`` file.
+        """
+        self._array_leaf(path)
+        return tuple(path) not in self._inline
+
+    def _doc_key(self, path: KeyPath) -> str:
+        return f"{self.array_key(path)}/{'zarr.json' if self._use_zarr3 else '.zarray'}"
 
     def value_type(self, path: KeyPath) -> str:
         """Returns the ``value_type`` Orbax recorded for a leaf.
@@ -165,7 +204,7 @@ class CheckpointReader:
         self._entry(path)
         if self._ext_metadata is None:
             self._ext_metadata = self._load_ext_metadata()
-        return self._ext_metadata.get(fmt.array_key(tuple(path)))
+        return self._ext_metadata.get(self.array_key(path))
 
     def chunk_shape(self, path: KeyPath) -> tuple[int, ...]:
         """Returns the array's stored chunk shape, in the array's own axis order.
@@ -177,6 +216,9 @@ class CheckpointReader:
             LayoutError: ``path`` is not an array leaf of this checkpoint.
             CheckpointFormatError: the zarr metadata has no chunk shape.
         """
+        path = tuple(path)
+        if path in self._inline:
+            return tuple(self._inline[path].shape)
         doc = self.zarr_metadata(path)
         try:
             if self._use_zarr3:
@@ -201,8 +243,13 @@ class CheckpointReader:
         Walks the B-tree once (cached): the files it refers to, and each key's stored bytes.
 
         Raises:
-            CheckpointFormatError: the database cannot be walked.
+            CheckpointFormatError: the database cannot be walked, or there is none (arrays
+                stored one folder each).
         """
+        if not self._use_ocdbt:
+            raise CheckpointFormatError(
+                f"{self._location}: stores one folder per array; it has no OCDBT database"
+            )
         with self._lock:
             if self._contents is None:
                 try:
@@ -223,8 +270,8 @@ class CheckpointReader:
             CheckpointFormatError: naming each missing or truncated file.
         """
         folder = self._location.local_path
-        if folder is None:
-            return
+        if folder is None or not self._use_ocdbt:
+            return  # chunk files of per-array folders are checked as they are read
         problems = _ocdbt.damaged_files(folder, self.ocdbt_contents())
         if problems:
             shown = "; ".join(problems[:4]) + (
@@ -244,13 +291,13 @@ class CheckpointReader:
         """
         path = tuple(path)
         self._array_leaf(path)
-        key = fmt.array_key(path)
-        doc = fmt.zarr_metadata_key(path, self._use_zarr3)[len(key) + 1 :]
+        key = self.array_key(path)
+        doc = self._doc_key(path)[len(key) + 1 :]
         try:
             keys = (self.kvstore / f"{key}/").list().result()
         except Exception as e:
             raise CheckpointFormatError(
-                f"{self._location}: cannot list the chunks of array {keystr(path)} (OCDBT key "
+                f"{self._location}: cannot list the chunks of array {keystr(path)} (key "
                 f"{key!r}): {fmt.one_line(e)}"
             ) from e
         return sorted(k.decode() for k in keys if k.decode() != doc)
@@ -279,7 +326,7 @@ class CheckpointReader:
     def _open_locked(self, path: KeyPath) -> ts.TensorStore:
         store = self._stores.get(path)
         if store is None:
-            key = fmt.array_key(path)
+            key = self.array_key(path)
             spec = {
                 "driver": "zarr3" if self._use_zarr3 else "zarr",
                 "recheck_cached_data": False,
@@ -297,7 +344,7 @@ class CheckpointReader:
                 ).result()
             except Exception as e:
                 raise CheckpointFormatError(
-                    f"{self._location}: cannot open array {keystr(path)} (OCDBT key {key!r}): "
+                    f"{self._location}: cannot open array {keystr(path)} (key {key!r}): "
                     f"{fmt.one_line(e)}"
                 ) from e
             self._stores[path] = store
@@ -320,6 +367,8 @@ class CheckpointReader:
             CheckpointFormatError: a chunk is missing, truncated or cannot be decoded.
         """
         path = tuple(path)
+        if path in self._inline:
+            return self._read_inline(path, index)
         store = self.open(path)
         if index is None:
             view = store
@@ -334,12 +383,27 @@ class CheckpointReader:
         try:
             return np.asarray(view.read().result())
         except Exception as e:
-            key = fmt.array_key(path)
-            files = _data_files(self._location, key)
-            where = f"data file {', '.join(files)}" if files else "data file unknown"
+            key = self.array_key(path)
+            if self._use_ocdbt:
+                files = _data_files(self._location, key)
+                where = f"data file {', '.join(files)}" if files else "data file unknown"
+            else:
+                where = f"folder {self._location.join(key)}"
             raise CheckpointFormatError(
-                f"{self._location}: cannot read array {keystr(path)} (OCDBT key {key!r}, "
+                f"{self._location}: cannot read array {keystr(path)} (key {key!r}, "
                 f"{where}): {fmt.one_line(e)}"
+            ) from e
+
+    def _read_inline(self, path: KeyPath, index: tuple[slice, ...] | None) -> np.ndarray:
+        value = self._inline[path]
+        if index is None:
+            return value.copy()
+        try:
+            return value[fmt.normalize_index(index, value.shape)].copy()
+        except ValueError as e:
+            raise LayoutError(
+                f"{self._location}: slab {index!r} does not fit array {keystr(path)} of shape "
+                f"{value.shape}: {fmt.one_line(e)}"
             ) from e
 
     # -- internals ---------------------------------------------------------------------------
@@ -363,27 +427,31 @@ class CheckpointReader:
     def _load_leaves(self) -> dict[KeyPath, Leaf]:
         kv = self.kvstore
         pending = {
-            path: kv.read(fmt.zarr_metadata_key(path, self._use_zarr3))
+            path: kv.read(self._doc_key(path))
             for path, entry in self._entries.items()
-            if not entry["empty"]
+            if not entry["empty"] and path not in self._inline
         }
         leaves: dict[KeyPath, Leaf] = {}
         for path, entry in self._entries.items():
             if entry["empty"]:
                 leaves[path] = Leaf(path, None, None)
                 continue
-            doc_key = fmt.zarr_metadata_key(path, self._use_zarr3)
+            if path in self._inline:
+                value = self._inline[path]
+                leaves[path] = Leaf(path, tuple(value.shape), fmt.dtype_name(value.dtype))
+                continue
+            doc_key = self._doc_key(path)
             try:
                 result = pending[path].result()
             except Exception as e:
                 raise CheckpointFormatError(
-                    f"{self._location}: cannot read {doc_key!r} of array {keystr(path)} from the "
-                    f"OCDBT store: {fmt.one_line(e)}"
+                    f"{self._location}: cannot read {doc_key!r} of array {keystr(path)}: "
+                    f"{fmt.one_line(e)}"
                 ) from e
             if result.state != "value":
                 raise CheckpointFormatError(
-                    f"{self._location}: array {keystr(path)} is listed in _METADATA but the OCDBT "
-                    f"store has no {doc_key!r}"
+                    f"{self._location}: array {keystr(path)} is listed in the tree metadata but "
+                    f"the checkpoint has no {doc_key!r}"
                 )
             try:
                 doc = json.loads(bytes(result.value))

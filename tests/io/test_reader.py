@@ -1,5 +1,6 @@
 import json
 import os
+import pathlib
 import time
 
 import jax
@@ -282,18 +283,80 @@ def test_array_without_zarr_metadata(fixture_copy):
     assert "'ghost/zarr.json'" in _assert_one_line_naming(info, ckpt)
 
 
-def test_non_ocdbt_checkpoints_are_refused(tmp_path):
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
-    checkpointer.save(tmp_path / "plain", {"a": np.ones(2)})
-    with pytest.raises(CheckpointFormatError) as info:
-        CheckpointReader(tmp_path / "plain")
-    assert "expected an OCDBT checkpoint" in _assert_one_line_naming(info, tmp_path / "plain")
+_TREE = {
+    "params": {"w": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "b": np.ones(4, np.int32)},
+    "step": np.int32(7),
+    "opt_state": [{"count": np.int32(1)}, None],
+}
 
 
-def test_legacy_msgpack_checkpoint_is_refused(tmp_path):
-    (tmp_path / "checkpoint").write_bytes(b"\x80")
-    with pytest.raises(CheckpointFormatError, match="msgpack"):
+@pytest.mark.parametrize("use_zarr3", [False, True], ids=["zarr2", "zarr3"])
+def test_non_ocdbt_checkpoints_are_read(tmp_path, use_zarr3):
+    checkpointer = ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=use_zarr3)
+    )
+    checkpointer.save(tmp_path / "plain", _TREE)
+    reader = CheckpointReader(tmp_path / "plain")
+    assert not reader.use_ocdbt and reader.format_name == "zarr"
+    assert reader.use_zarr3 is use_zarr3
+    leaves = reader.leaves()
+    assert leaves[("params", "w")].shape == (2, 3, 4)
+    assert leaves[("opt_state", "1")].empty
+    np.testing.assert_array_equal(reader.read(("params", "w")), _TREE["params"]["w"])
+    np.testing.assert_array_equal(
+        reader.read(("params", "w"), (slice(1, 2), slice(0, 2))), _TREE["params"]["w"][1:2, :2]
+    )
+    assert reader.read(("step",)) == 7
+    assert reader.chunk_keys(("params", "w")) == (["c/0/0/0"] if use_zarr3 else ["0.0.0"])
+    reader.check_data_files()  # nothing to check without a database: no error
+    with pytest.raises(CheckpointFormatError, match="no OCDBT database"):
+        reader.ocdbt_contents()
+
+
+def _legacy_checkpoint(tmp_path) -> pathlib.Path:
+    """An older Orbax item: per-array zarr folders and the tree in a msgpack ``checkpoint``."""
+    import msgpack
+
+    plain = tmp_path / "legacy"
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(
+        plain, {"params": {"w": _TREE["params"]["w"]}}
+    )
+    (plain / "_METADATA").unlink()
+    inline = msgpack.packb(((), "int32", np.int32(7).tobytes()), use_bin_type=True)
+    tree = {
+        "params": {"w": "PLACEHOLDER://params.w"},
+        "step": msgpack.ExtType(3, inline),
+        "opt_state": {"0": None},
+    }
+    (plain / "checkpoint").write_bytes(msgpack.packb(tree, use_bin_type=True))
+    return plain
+
+
+def test_legacy_msgpack_tree_with_placeholders_is_read(tmp_path):
+    reader = CheckpointReader(_legacy_checkpoint(tmp_path))
+    assert reader.format_name == "zarr"
+    leaves = reader.leaves()
+    assert sorted(leaves) == [("opt_state", "0"), ("params", "w"), ("step",)]
+    assert leaves[("opt_state", "0")].empty
+    np.testing.assert_array_equal(reader.read(("params", "w")), _TREE["params"]["w"])
+    assert leaves[("step",)] == Leaf(("step",), (), "int32")
+    assert reader.read(("step",)) == 7
+    assert not reader.stores_chunks(("step",)) and reader.stores_chunks(("params", "w"))
+
+
+def test_garbled_legacy_msgpack_is_refused(tmp_path):
+    (tmp_path / "checkpoint").write_bytes(b"\xc1\xc1")
+    with pytest.raises(CheckpointFormatError, match="msgpack") as info:
         CheckpointReader(tmp_path)
+    _assert_one_line_naming(info, tmp_path / "checkpoint")
+
+
+def test_metadata_claiming_ocdbt_without_manifest_is_refused(fixture_copy):
+    ckpt = fixture_copy("A")
+    (ckpt / "manifest.ocdbt").unlink()
+    with pytest.raises(CheckpointFormatError, match="manifest.ocdbt") as info:
+        CheckpointReader(ckpt)
+    _assert_one_line_naming(info, ckpt)
 
 
 def _largest_data_file(ckpt):
