@@ -301,9 +301,10 @@ def nnx_to_linen(src: str, dst: str, **kw) -> None:
 def inspect_cmd(ckpt: str, as_json: bool) -> None:
     """List the layout, keys, shapes, dtypes and bytes of CKPT (metadata only)."""
     from .convert import detect_layout
-    from .io import CheckpointReader, keystr
+    from .io import keystr
+    from .io.sources import open_source
 
-    reader = CheckpointReader(ckpt)
+    reader = open_source(ckpt)
     leaves = reader.leaves()
     try:
         layout = detect_layout(leaves, str(reader.location)).name
@@ -319,8 +320,17 @@ def inspect_cmd(ckpt: str, as_json: bool) -> None:
         for p, x in sorted(leaves.items())
     ]
     total = sum(r["bytes"] for r in rows)
-    doc = {"location": str(reader.location), "layout": layout, "bytes": total, "leaves": rows}
-    lines = [f"{reader.location}: layout {layout}, {len(rows)} leaves, {total / 1e6:.2f} MB"]
+    doc = {
+        "location": str(reader.location),
+        "format": reader.format_name,
+        "layout": layout,
+        "bytes": total,
+        "leaves": rows,
+    }
+    lines = [
+        f"{reader.location}: {reader.format_name} format, layout {layout}, {len(rows)} leaves, "
+        f"{total / 1e6:.2f} MB"
+    ]
     for r in rows:
         shape = "<empty>" if r["shape"] is None else f"{r['dtype']}{r['shape']}"
         lines.append(f"  {r['path']}  {shape}  {r['bytes']}")

@@ -19,7 +19,7 @@ from typing import Any
 
 from .convert.plan import abstract_tree_leaves, check_against
 from .errors import CheckpointFormatError, PlanError
-from .io import CheckpointReader
+from .io.sources import CheckpointSource, open_source
 
 
 def _target(pure: Any, shardings: Any) -> Any:
@@ -40,12 +40,12 @@ def _values(pure: Any, restored: Any) -> Any:
     return restored["value"]
 
 
-def _read_with_tensorstore(reader: CheckpointReader, target: Any, path: tuple = ()) -> Any:
+def _read_with_tensorstore(reader: CheckpointSource, target: Any, path: tuple = ()) -> Any:
     """Restores ``target`` (dicts of ShapeDtypeStructs) from ``reader``, as Orbax would.
 
-    Used where Orbax cannot open the checkpoint (``s3://`` locations). A sharded leaf is read
-    one shard per device (each device reads only its slab); typed PRNG keys are rebuilt from
-    their stored key data and recorded implementation.
+    Used where Orbax cannot open the checkpoint (``s3://`` locations, msgpack sources). A
+    sharded leaf is read one shard per device (each device reads only its slab); typed PRNG
+    keys are rebuilt from their stored key data and recorded implementation.
     """
     import jax
 
@@ -145,7 +145,7 @@ def restore(
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    reader = CheckpointReader(path)
+    reader = open_source(path)
     leaves = reader.leaves()
     model_leaves = {p: x for p, x in leaves.items() if p[0] == "model"}
     problems = check_against(model_leaves, abstract_tree_leaves(model))
@@ -171,7 +171,9 @@ def restore(
         partial_restore=True,
     )
     location = reader.location.local_path
-    if location is None:  # an object store: read through TensorStore (Orbax needs a path)
+    if location is None or reader.format_name not in ("ocdbt", "zarr"):
+        # An object store (Orbax needs a path) or a format Orbax does not read: read through
+        # the source, one shard at a time.
         restored = _read_with_tensorstore(reader, target)
     else:
         try:

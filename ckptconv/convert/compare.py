@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from ..io import CheckpointReader
 from ..io.leaf import KeyPath, Leaf, keystr
+from ..io.sources import CheckpointSource, open_source
 from .expr import Expr, Src, evaluate
 from .plan import ConvertOptions, parse_source, plan_linen_to_nnx, plan_nnx_to_linen, recorded_info
 from .rules import is_scanned
@@ -70,7 +70,7 @@ class CompareResult:
         }
 
 
-def _view_b_as_a(ra: CheckpointReader, rb: CheckpointReader) -> dict[KeyPath, Expr | None]:
+def _view_b_as_a(ra: CheckpointSource, rb: CheckpointSource) -> dict[KeyPath, Expr | None]:
     """Maps B's leaves onto A's layout: ``{path in A's layout: expression over B}``."""
     la, lb = ra.leaves(), rb.leaves()
     tree_a = parse_source(la, ra.custom_metadata, None, str(ra.location))
@@ -103,8 +103,8 @@ SLAB_BYTES = 64 << 20
 
 
 def _compare_leaf(
-    ra: CheckpointReader,
-    rb: CheckpointReader,
+    ra: CheckpointSource,
+    rb: CheckpointSource,
     path: KeyPath,
     expr: Expr,
     atol: float,
@@ -148,7 +148,7 @@ def compare(
         >>> compare("linen_ckpt", "nnx_ckpt").bit_exact  # doctest: +SKIP
         True
     """
-    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    ra, rb = open_source(a), open_source(b)
     view = _view_b_as_a(ra, rb)
     la = ra.leaves()
     diffs: list[LeafDiff] = []

@@ -32,19 +32,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import functools
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from ..errors import CkptconvError, DestinationExistsError, PlanError
-from ..io import CheckpointReader, Location
-from ..io import _format as fmt
-from ..io._copy import plan_copy
-from ..io._permute import ChunkKeys
+from ..errors import CkptconvError, DestinationExistsError
+from ..io import Location, can_copy_verbatim, one_line
 from ..io.multiprocess import MergingWriter, ProcessStoreWriter
+from ..io.sources import CheckpointSource, open_source
 from ._group import (
     DEFAULT_TIMEOUT,
     GroupStoppedError,
@@ -52,27 +50,10 @@ from ._group import (
     ProcessGroupError,
     initialize,
 )
-from .expr import Src, permuted_source, slab_boxes, source_chunk_box
-from .layouts import OutLeaf
+from .execute import Progress, execute
 from .plan import DEFAULT_OPTIONS, ConvertOptions, Plan, require_target
-from .run import (
-    _INFLIGHT_BYTES,
-    _OUT_CHUNK_BYTES,
-    DEFAULT_SLAB_BYTES,
-    ConvertResult,
-    Progress,
-    _check_paths,
-    _key_impl,
-    _layer_groups,
-    _layer_of,
-    _return_freed_memory,
-    _slab_shape,
-    _write_decoded,
-    _write_layers,
-    convert,
-    make_plan,
-    peak_rss_bytes,
-)
+from .run import INFLIGHT_BYTES, ConvertResult, check_paths, convert, make_plan, peak_rss_bytes
+from .schedule import DEFAULT_SLAB_BYTES, Piece, Task, schedule
 
 __all__ = [
     "ConversionInterrupted",
@@ -92,48 +73,6 @@ __all__ = [
 # How long process 0, failing, waits for the others to stop writing before deleting the folder
 # (a process that died never says so; launch sends SIGKILL 3 s after SIGTERM).
 _STOP_WAIT_SECONDS = 2.0
-
-SlabKey = tuple[tuple[int, int], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """One unit of work and the process that does it.
-
-    Attributes:
-        key: a source chunk key (relative to the array) for a copy; the slab's
-            ``((start, stop), ...)`` bounds for a decoded array or a stack of layers.
-        nbytes: its size (decoded bytes), which the split balances.
-        process: the process that writes it.
-    """
-
-    key: str | SlabKey
-    nbytes: int
-    process: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """One output leaf, or the layers unstacked from one array, and its pieces.
-
-    Attributes:
-        kind: ``"empty"`` (no data), ``"copy"`` (chunks copied verbatim), ``"decode"``
-            (slabs evaluated and encoded) or ``"layers"`` (slabs of a stacked array, each split
-            among the layers it holds).
-        leaves: the output leaves: one, or every layer of a ``"layers"`` task.
-        pieces: the work, in the order it is done.
-        source: for a copy, the source array and the axis permutation.
-    """
-
-    kind: str
-    leaves: tuple[OutLeaf, ...]
-    pieces: tuple[Piece, ...] = ()
-    source: tuple[Src, tuple[int, ...]] | None = None
-
-    @property
-    def writers(self) -> frozenset[int]:
-        """The processes that declare the leaves: those with a piece, else process 0 alone."""
-        return frozenset(p.process for p in self.pieces) or frozenset({0})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,226 +125,28 @@ class ConversionInterrupted(CkptconvError):
     exit_code = 128 + signal.SIGTERM
 
 
-def _bounds(index: tuple[slice, ...]) -> SlabKey:
-    return tuple((s.start, s.stop) for s in index)
-
-
-def _assign(sizes: list[int], num_processes: int) -> list[int]:
-    """Splits a sequence of sizes into ``num_processes`` contiguous runs of about equal sum.
-
-    Each item goes to the process whose share holds the item's midpoint.
-    """
-    total = sum(sizes)
-    out = []
-    before = 0
-    for size in sizes:
-        owner = (2 * before + size) * num_processes // (2 * total) if total else 0
-        out.append(min(num_processes - 1, owner))
-        before += size
-    return out
-
-
 def split_work(
     plan: Plan,
-    reader: CheckpointReader,
+    source: CheckpointSource,
     num_processes: int,
     *,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
 ) -> list[Task]:
-    """Splits a plan's work between processes, the same way in every process.
+    """The schedule every process computes: :func:`~ckptconv.convert.schedule.schedule`.
 
-    Leaves are handled as :func:`~ckptconv.convert.convert` handles them (empty, copied,
-    decoded, or unstacked together), with its slab shapes. Copied chunks and decoded slabs are
-    two classes, each divided by bytes into contiguous runs, one per process; empty leaves
-    (no data) go to process 0.
+    Copies are those the processes' writers can make (same zarr format as the source).
 
     Example:
-        >>> tasks = split_work(make_plan(reader, "linen-to-nnx"), reader, 4)
+        >>> tasks = split_work(make_plan(source, "linen-to-nnx"), source, 4)
         >>> sum(p.nbytes for t in tasks for p in t.pieces if p.process == 2)
-
-    Args:
-        plan: the conversion plan.
-        reader: the source checkpoint (metadata and chunk listings are read).
-        num_processes: how many processes share the work.
-        slab_bytes: the largest decoded slab, as for :func:`~ckptconv.convert.convert`.
-
-    Returns:
-        The tasks in plan order, every piece assigned.
     """
-    if num_processes < 1:
-        raise PlanError(f"expected at least one process, found {num_processes}")
-    copies = {}
-    for leaf in plan.leaves:
-        found = None if leaf.expr is None else permuted_source(leaf.expr)
-        if found is not None:
-            copy = plan_copy(reader, found[0].path, found[1], use_zarr3=reader.use_zarr3)
-            if copy is not None:
-                copies[leaf.path] = found, copy
-    groups = _layer_groups([o for o in plan.leaves if o.path not in copies])
-    # (kind, leaves, source, [(key, nbytes)]) in plan order.
-    drafts: list[tuple[str, tuple[OutLeaf, ...], tuple | None, list[tuple]]] = []
-    finished: set[tuple[str, ...]] = set()
-    for out in plan.leaves:
-        if out.path in finished:
-            continue
-        if out.expr is None:
-            drafts.append(("empty", (out,), None, []))
-        elif out.path in copies:
-            found, copy = copies[out.path]
-            drafts.append(("copy", (out,), found, _copied_chunks(reader, found[0])))
-        elif out.path in groups:
-            batch = tuple(groups[out.path])
-            drafts.append(("layers", batch, None, _layer_slabs(reader, batch, slab_bytes)))
-        else:
-            drafts.append(("decode", (out,), None, _decoded_slabs(reader, out, slab_bytes)))
-        finished.update(leaf.path for leaf in drafts[-1][1])
-    owners: dict[tuple[int, int], int] = {}
-    for kinds in (("copy",), ("decode", "layers")):
-        refs = [(t, j) for t, d in enumerate(drafts) if d[0] in kinds for j in range(len(d[3]))]
-        sizes = [drafts[t][3][j][1] for t, j in refs]
-        owners.update(zip(refs, _assign(sizes, num_processes), strict=True))
-    return [
-        Task(
-            kind,
-            leaves,
-            tuple(Piece(key, n, owners[(t, j)]) for j, (key, n) in enumerate(pieces)),
-            source,
-        )
-        for t, (kind, leaves, source, pieces) in enumerate(drafts)
-    ]
-
-
-def _copied_chunks(reader: CheckpointReader, src: Src) -> list[tuple]:
-    """The stored chunks of a copied source array, with their decoded bytes.
-
-    Keys that are not chunks of the grid (kept as they are by a copy) count 0 bytes.
-    """
-    leaf = reader.leaves()[src.path]
-    assert leaf.shape is not None and leaf.dtype is not None
-    chunk = reader.chunk_shape(src.path)
-    itemsize = fmt.numpy_dtype(leaf.dtype).itemsize
-    keys = ChunkKeys(reader.zarr_metadata(src.path), zarr3=reader.use_zarr3)
-    out = []
-    for key in reader.chunk_keys(src.path):
-        index = keys.parse(key)
-        extent = 0
-        if index is not None:
-            extent = itemsize * math.prod(
-                max(0, min(c, d - i * c)) for i, c, d in zip(index, chunk, leaf.shape, strict=True)
-            )
-        out.append((key, extent))
-    return out
-
-
-def _decoded_slabs(reader: CheckpointReader, out: OutLeaf, slab_bytes: int) -> list[tuple]:
-    """The slabs ``_write_decoded`` writes for ``out``, with their bytes."""
-    expr = out.expr
-    assert expr is not None
-    itemsize = fmt.numpy_dtype(expr.dtype).itemsize
-    box = source_chunk_box(expr, reader.chunk_shape)
-    slab = _slab_shape(expr.shape, box, itemsize, slab_bytes)
-    return [
-        (_bounds(index), math.prod(s.stop - s.start for s in index) * itemsize)
-        for index in slab_boxes(expr.shape, slab)
-    ]
-
-
-def _layer_slabs(
-    reader: CheckpointReader, group: tuple[OutLeaf, ...], slab_bytes: int
-) -> list[tuple]:
-    """The slabs of the stacked array ``_write_layers`` reads for ``group``, with their bytes.
-
-    A slab's bytes are those of the layers of the group it holds (none: 0).
-    """
-    layers = set()
-    for leaf in group:
-        stacked, axis, index, _ = _layer_of(leaf.expr)  # type: ignore[misc]
-        layers.add(index)
-    itemsize = fmt.numpy_dtype(stacked.dtype).itemsize
-    box = source_chunk_box(stacked, reader.chunk_shape)
-    slab = _slab_shape(stacked.shape, box, itemsize, slab_bytes)
-    out = []
-    for index in slab_boxes(stacked.shape, slab):
-        held = index[axis]
-        wanted = sum(1 for i in range(held.start, held.stop) if i in layers)
-        per_layer = math.prod(s.stop - s.start for a, s in enumerate(index) if a != axis)
-        out.append((_bounds(index), wanted * per_layer * itemsize))
-    return out
-
-
-def _only(task: Task, process_id: int, tick: Callable[[], None]) -> Callable[[tuple], bool]:
-    """The slab filter handed to the writing functions: this process's slabs of ``task``."""
-    owners = {p.key: p.process for p in task.pieces}
-
-    def only(index: tuple[slice, ...]) -> bool:
-        key = _bounds(index)
-        if key not in owners:
-            # The split mirrors the slab shapes of run.py; a slab it does not know would be
-            # written by nobody.
-            raise PlanError(
-                f"{'/'.join(task.leaves[0].path)}: slab {key} is not in the work split "
-                "(the split and the writer disagree on slab shapes)"
-            )
-        if owners[key] != process_id:
-            return False
-        tick()
-        return True
-
-    return only
-
-
-def _write_share(
-    writer: ProcessStoreWriter,
-    reader: CheckpointReader,
-    tasks: list[Task],
-    group: ProcessGroup,
-    slab_bytes: int,
-    progress: Progress | None,
-) -> tuple[int, int]:
-    """Writes this process's pieces of every task; returns (bytes, copied leaves)."""
-    rank = group.process_id
-
-    def tick() -> None:
-        group.check()
-        group.report_progress()
-
-    total = sum(p.nbytes for t in tasks for p in t.pieces if p.process == rank)
-    decoded = sum(
-        p.nbytes for t in tasks if t.kind != "copy" for p in t.pieces if p.process == rank
+    return schedule(
+        plan,
+        source,
+        can_copy=functools.partial(can_copy_verbatim, use_zarr3=source.use_zarr3),
+        num_processes=num_processes,
+        slab_bytes=slab_bytes,
     )
-    if decoded > _OUT_CHUNK_BYTES:
-        _return_freed_memory()
-    done = copied = 0
-    for task in tasks:
-        mine = [p for p in task.pieces if p.process == rank]
-        if not mine and rank not in task.writers:
-            continue
-        out = task.leaves[0]
-        if task.kind == "empty":
-            writer.write_empty(out.path, key_types=out.key_types)
-        elif task.kind == "copy":
-            assert task.source is not None
-            src, axes = task.source
-            tick()
-            writer.copy_array(
-                out.path,
-                reader,
-                src.path,
-                axes=axes,
-                key_types=out.key_types,
-                random_key_impl=_key_impl(reader, out.expr),
-                chunks={p.key for p in mine},  # type: ignore[misc]
-            )
-            copied += 1
-        elif task.kind == "decode":
-            _write_decoded(writer, reader, out, slab_bytes, only=_only(task, rank, tick))
-        else:
-            layers = list(task.leaves)
-            _write_layers(writer, reader, layers, slab_bytes, only=_only(task, rank, tick))
-        done += sum(p.nbytes for p in mine)
-        if progress is not None:
-            progress(done, total, "/".join(out.path))
-    return done, copied
 
 
 def convert_distributed(
@@ -453,16 +194,16 @@ def convert_distributed(
     writer: ProcessStoreWriter | None = None
     merging: MergingWriter | None = None
     try:
-        reader = CheckpointReader(src)
-        plan = make_plan(reader, direction, options)
+        source = open_source(src)
+        plan = make_plan(source, direction, options)
         require_target(plan, target)
         dst_loc = Location.parse(dst)
-        _check_paths(reader.location, dst_loc)
+        check_paths(source.location, dst_loc)
         if not force and dst_loc.exists():
             raise DestinationExistsError(
                 f"{dst_loc}: destination exists; pass --force (force=True) to replace it"
             )
-        tasks = split_work(plan, reader, group.num_processes, slab_bytes=slab_bytes)
+        tasks = split_work(plan, source, group.num_processes, slab_bytes=slab_bytes)
         # Every process has checked its input before anything is created (on an object store
         # the destination is written in place, so a late check would find process 0's write).
         group.barrier("planned")
@@ -470,9 +211,9 @@ def convert_distributed(
             merging = MergingWriter(
                 dst_loc,
                 force=force,
-                use_zarr3=reader.use_zarr3,
+                use_zarr3=source.use_zarr3,
                 custom_metadata=plan.custom_metadata,
-                max_inflight_bytes=_INFLIGHT_BYTES,
+                max_inflight_bytes=INFLIGHT_BYTES,
             )
             folder = merging.folder
             group.publish("folder", str(folder))
@@ -481,10 +222,17 @@ def convert_distributed(
         writer = ProcessStoreWriter(
             folder,
             group.process_id,
-            use_zarr3=reader.use_zarr3,
-            max_inflight_bytes=_INFLIGHT_BYTES,
+            use_zarr3=source.use_zarr3,
+            max_inflight_bytes=INFLIGHT_BYTES,
         )
-        done, copied = _write_share(writer, reader, tasks, group, slab_bytes, progress)
+
+        def tick() -> None:
+            group.check()
+            group.report_progress()
+
+        done = execute(
+            tasks, source, writer, process_id=group.process_id, progress=progress, tick=tick
+        )
         writer.commit()
         group.barrier("written")
         if merging is not None:
@@ -498,7 +246,7 @@ def convert_distributed(
         _stop(group, writer, merging)
         raise
     except BaseException as e:
-        reason = fmt.one_line(e) if isinstance(e, CkptconvError) else f"{type(e).__name__}: {e}"
+        reason = one_line(e) if isinstance(e, CkptconvError) else f"{type(e).__name__}: {e}"
         group.fail(reason)
         _stop(group, writer, merging)
         raise
@@ -506,9 +254,9 @@ def convert_distributed(
         plan,
         str(dst_loc),
         time.perf_counter() - start,
-        done,
+        done.nbytes,
         peak_rss_bytes(),
-        copied_leaves=copied,
+        copied_leaves=done.copied_leaves,
         cloned=False,
         process_id=group.process_id,
         num_processes=group.num_processes,

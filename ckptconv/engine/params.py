@@ -215,9 +215,9 @@ def load_params(
     """
     if isinstance(source, str | os.PathLike):
         from ..convert import detect_layout
-        from ..io import CheckpointReader
+        from ..io.sources import open_source
 
-        reader = CheckpointReader(source)
+        reader = open_source(source)
         try:
             layout = detect_layout(reader.leaves(), str(reader.location)).name
         except CkptconvError as e:

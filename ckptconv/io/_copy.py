@@ -16,6 +16,7 @@ from ..errors import CheckpointFormatError
 from . import _format as fmt
 from . import _permute
 from .leaf import KeyPath, keystr
+from .sources.base import can_copy_chunks
 
 if TYPE_CHECKING:
     from .reader import CheckpointReader
@@ -69,7 +70,9 @@ def plan_copy(
         ValueError: ``axes`` is not a permutation of the array's axes.
     """
     path = tuple(path)
-    if reader.use_zarr3 != use_zarr3 or not reader.stores_chunks(path):
+    if not can_copy_chunks(reader) or reader.use_zarr3 != use_zarr3:
+        return None
+    if not reader.stores_chunks(path):
         return None
     doc = reader.zarr_metadata(path)  # raises LayoutError unless path is an array leaf
     leaf = reader.leaves()[path]
@@ -132,3 +135,13 @@ def _renamed_chunk_keys(
             f"chunks (grid {grid}); expected every chunk, as Orbax writes them"
         )
     return out
+
+
+def can_copy_verbatim(
+    source: CheckpointReader, path: KeyPath, axes: Sequence[int] | None, *, use_zarr3: bool
+) -> bool:
+    """Whether ``np.transpose(source[path], axes)`` can be written by copying stored chunks.
+
+    A writer storing zarr3 (``use_zarr3``) or zarr2 answers this for its ``can_copy``.
+    """
+    return plan_copy(source, path, axes, use_zarr3=use_zarr3) is not None

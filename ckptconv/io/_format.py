@@ -84,6 +84,11 @@ def numpy_dtype(name: str) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, name))
 
 
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a canonical dtype name (``"bfloat16"``: 2)."""
+    return numpy_dtype(name).itemsize
+
+
 # TensorStore appends annotations such as `` [http_response_code='403']`` and a whole HTTP
 # response body to its error messages; a one-line message keeps the part before them.
 _TS_ANNOTATION = re.compile(r"\s\[[\w\-]+='")

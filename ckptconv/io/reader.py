@@ -31,6 +31,7 @@ import tensorstore as ts
 from ..errors import CheckpointFormatError, LayoutError
 from . import _format as fmt
 from . import _item, _ocdbt
+from ._permute import ChunkKeys
 from .leaf import KeyPath, Leaf, keystr
 from .location import Location
 
@@ -301,6 +302,10 @@ class CheckpointReader:
                 f"{key!r}): {fmt.one_line(e)}"
             ) from e
         return sorted(k.decode() for k in keys if k.decode() != doc)
+
+    def chunk_index(self, path: KeyPath, key: str) -> tuple[int, ...] | None:
+        """The chunk-grid index of one of :meth:`chunk_keys`, or ``None`` if not a chunk."""
+        return ChunkKeys(self.zarr_metadata(path), zarr3=self._use_zarr3).parse(key)
 
     def open(self, path: KeyPath) -> ts.TensorStore:
         """Opens one array lazily; no chunk is read until the store is indexed and read.

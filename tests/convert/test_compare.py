@@ -27,9 +27,11 @@ def test_slabbed_compare_finds_a_difference_in_the_last_slab(tmp_path, monkeypat
     write(tmp_path / "c", changed)
 
     reads = []
-    real = module.CheckpointReader.read
+    from ckptconv.io import CheckpointReader
+
+    real = CheckpointReader.read
     monkeypatch.setattr(
-        module.CheckpointReader, "read", lambda self, p, i=None: reads.append(i) or real(self, p, i)
+        CheckpointReader, "read", lambda self, p, i=None: reads.append(i) or real(self, p, i)
     )
     same = module.compare(tmp_path / "a", tmp_path / "b")
     assert same.bit_exact
