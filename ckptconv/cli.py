@@ -416,11 +416,19 @@ def annotate_cmd(
     )
     doc = {"mesh": mesh_spec, "rules": rules, "mode": mode, "rows": rows, "fallbacks": fallbacks}
     lines = [
-        f"{r['path']}  {r['shape']}  {r['logical_names']}  {r['spec']}  -> {r['shard_shape']}"
+        f"{r['path']}  {r['shape']}  {r['logical_names']}  {_spec_text(r['spec'])}  "
+        f"-> {r['shard_shape']}"
         for r in rows
     ]
     lines += [f"replicated (indivisible): {f}" for f in fallbacks]
     _emit(doc, as_json, "\n".join(lines))
+
+
+def _spec_text(entries: list) -> str:
+    """A JSON spec (see ``spec_to_json``) as ``P(...)`` for the text output."""
+    from jax.sharding import PartitionSpec
+
+    return repr(PartitionSpec(*(tuple(e) if isinstance(e, list) else e for e in entries)))
 
 
 @main.command("decode")

@@ -48,6 +48,7 @@ class DemoResult:
     linen_bytes: int
     nnx_bytes: int
     seconds: dict[str, float]
+    bytes: dict[str, int]
     max_logit_diff: float
     round_trip_bit_exact: bool
     peak_rss_mb: float
@@ -55,6 +56,19 @@ class DemoResult:
     def to_dict(self) -> dict:
         """Returns a JSON-serialisable summary."""
         return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """The summary as an aligned table (step, seconds, bytes) and the peak RSS line."""
+        rows = [("step", "seconds", "bytes")] + [
+            (name, f"{secs:.3f}", str(self.bytes.get(name, "-")))
+            for name, secs in self.seconds.items()
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [
+            f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}".rstrip() for r in rows
+        ]
+        lines.append(f"peak RSS: {self.peak_rss_mb} MB")
+        return "\n".join(lines)
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -180,16 +194,20 @@ def run_demo(
     if not report.bit_exact:
         raise CkptconvError(f"round trip differs: {report.to_dict()}")
 
+    linen_bytes, nnx_bytes = _dir_bytes(linen_path), _dir_bytes(nnx_path)
     out = DemoResult(
-        linen_bytes=_dir_bytes(linen_path),
-        nnx_bytes=_dir_bytes(nnx_path),
+        linen_bytes=linen_bytes,
+        nnx_bytes=nnx_bytes,
         seconds={k: round(v, 4) for k, v in times.items()},
+        bytes={
+            "orbax_save": linen_bytes,
+            "linen_to_nnx": result.bytes_written,
+            "nnx_restore": nnx_bytes,
+            "nnx_to_linen": back.bytes_written,
+        },
         max_logit_diff=diff,
         round_trip_bit_exact=report.bit_exact,
         peak_rss_mb=round(peak_rss_bytes() / 2**20, 1),
     )
-    say(
-        f"summary: Linen {out.linen_bytes} B, NNX {out.nnx_bytes} B, times {out.seconds}, "
-        f"peak RSS {out.peak_rss_mb} MB"
-    )
+    say(out.table())
     return out

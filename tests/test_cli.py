@@ -137,7 +137,7 @@ def test_annotate_json_and_errors(maxtext_fixtures, tmp_path):
     rows = {r["path"]: r for r in json.loads(out)["rows"]}
     q = rows["decoder/layers/self_attention/query/kernel"]
     assert q["logical_names"] == ["layers", "embed", "q_heads", "kv"]
-    assert q["spec"] == "P(None, 'fsdp', 'tensor', None)"
+    assert q["spec"] == [None, "fsdp", "tensor", None]
     assert q["shard_shape"] == [2, 16, 2, 16]
     code, out, _ = run(
         "annotate", "--model-config", cfg, "--mesh", "data=2,tensor=4", "--mode", "ar", "--json"

@@ -81,10 +81,31 @@ def annotate_model(
             "path": r["path"],
             "shape": list(r["shape"]),
             "logical_names": None if r["logical_names"] is None else list(r["logical_names"]),
-            "spec": str(r["spec"]),
+            "spec": spec_to_json(r["spec"], len(r["shape"])),
             "shard_shape": list(r["shard_shape"]),
         }
         for r in rows
     ]
     fallbacks = [f"{f.path} dim {f.dim} (size {f.size}) over {list(f.axes)}" for f in report]
     return out, fallbacks
+
+
+def spec_to_json(spec: Any, rank: int) -> list[str | list[str] | None]:
+    """A ``PartitionSpec`` as JSON: one entry per dimension, as PartitionSpec holds them.
+
+    ``None`` (replicated) is ``null``, one mesh axis its name, several a list of names; the
+    list is padded with ``null`` to the array's rank.
+
+    Example:
+        >>> spec_to_json(PartitionSpec(None, ("fsdp", "tensor")), 3)
+        [None, ['fsdp', 'tensor'], None]
+    """
+    entries: list[str | list[str] | None] = []
+    for entry in tuple(spec):
+        if entry is None:
+            entries.append(None)
+        elif isinstance(entry, str):
+            entries.append(entry)
+        else:
+            entries.append([str(a) for a in entry])
+    return entries + [None] * (rank - len(entries))

@@ -255,17 +255,23 @@ def test_barrier_waits_while_others_make_progress():
     kv = FakeKeyValue()
     group = ProcessGroup(kv, 0, 2, namespace="t", timeout=0.5)
     other = ProcessGroup(kv, 1, 2, namespace="t", timeout=0.5)
+    events = []
 
     def slow_peer():
-        for _ in range(8):  # 1.6 s of work, reported every 0.2 s
+        for i in range(8):  # 1.6 s of work, longer than the timeout, reported every 0.2 s
             time.sleep(0.2)
             other.report_progress()
+            events.append(f"progress {i}")
+        events.append("peer arrives")
         other.barrier("done")
 
     thread = threading.Thread(target=slow_peer)
     thread.start()
-    group.barrier("done")
+    group.barrier("done")  # must neither time out (progress is made) nor return early
+    events.append("barrier returned")
     thread.join()
+    assert events.index("barrier returned") > events.index("peer arrives")
+    assert [e for e in events if e.startswith("progress")] == [f"progress {i}" for i in range(8)]
 
 
 def test_existing_destination_is_refused_by_every_process(sources, tmp_path):

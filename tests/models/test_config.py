@@ -134,7 +134,11 @@ def test_unsupported_math_names_the_key(key, value):
     ],
 )
 def test_harmless_values_are_accepted(key, value):
-    ModelConfig.from_maxtext({key: value})
+    # Accepted, and they change nothing about the math: the config equals the default one.
+    assert ModelConfig.from_maxtext({key: value}) == ModelConfig.from_maxtext({})
+    assert ModelConfig.from_maxtext({"train_overrides": {key: value}}) == (
+        ModelConfig.from_maxtext({})
+    )
 
 
 def test_float32_only_precision_knobs():
