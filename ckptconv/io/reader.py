@@ -404,7 +404,7 @@ class CheckpointReader:
         if index is None:
             return value.copy()
         try:
-            return value[fmt.normalize_index(index, value.shape)].copy()
+            return np.array(value[fmt.normalize_index(index, value.shape)])
         except ValueError as e:
             raise LayoutError(
                 f"{self._location}: slab {index!r} does not fit array {keystr(path)} of shape "

@@ -87,6 +87,7 @@ def open_source(location: str | os.PathLike[str] | Location) -> CheckpointSource
 def _load_builtin() -> None:
     if _FORMATS:
         return
-    from . import orbax
+    from . import msgpack, orbax
 
     register_format(orbax.FORMAT)
+    register_format(msgpack.FORMAT)
