@@ -15,7 +15,7 @@ def annotate_model(
     *,
     cache_batch: int | None = None,
     replicate_indivisible: bool = False,
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Annotates the reference NNX decoder built from a config file.
 
     Args:
@@ -28,7 +28,8 @@ def annotate_model(
         replicate_indivisible: replicate indivisible dimensions instead of failing.
 
     Returns:
-        JSON-ready rows (path, shape, logical names, spec, shard shape) and the fallbacks.
+        JSON-ready rows (path, shape, logical names, spec, shard shape) and the replicated
+        indivisible dimensions (path, dim, size, the mesh axes), as plain lists and dicts.
 
     Raises:
         ShardingError: for an unknown mesh axis, a repeated logical name or an indivisible
@@ -86,7 +87,9 @@ def annotate_model(
         }
         for r in rows
     ]
-    fallbacks = [f"{f.path} dim {f.dim} (size {f.size}) over {list(f.axes)}" for f in report]
+    fallbacks = [
+        {"path": f.path, "dim": f.dim, "size": f.size, "axes": list(f.axes)} for f in report
+    ]
     return out, fallbacks
 
 

@@ -253,25 +253,35 @@ def test_barrier_times_out_naming_the_missing_process():
 
 def test_barrier_waits_while_others_make_progress():
     kv = FakeKeyValue()
-    group = ProcessGroup(kv, 0, 2, namespace="t", timeout=0.5)
-    other = ProcessGroup(kv, 1, 2, namespace="t", timeout=0.5)
+    other = ProcessGroup(kv, 1, 2, namespace="t")
     events = []
+    polls = 12  # at least 12 * 0.05 s of polling: longer than the 0.1 s timeout below
 
-    def slow_peer():
-        for i in range(8):  # 1.6 s of work, longer than the timeout, reported every 0.2 s
-            time.sleep(0.2)
-            other.report_progress()
-            events.append(f"progress {i}")
-        events.append("peer arrives")
-        other.barrier("done")
+    class PeerStepsOnEachPoll:
+        """Process 0's client: before each of its polls, process 1 takes one step.
 
-    thread = threading.Thread(target=slow_peer)
-    thread.start()
+        Process 1 reports progress on each of the first ``polls`` polls, then arrives: the
+        barrier must outlast its timeout because progress is made, and return only after
+        process 1 arrives. Steps follow polls, so the order does not depend on the clock.
+        """
+
+        def key_value_set(self, *args, **kwargs):
+            kv.key_value_set(*args, **kwargs)
+
+        def key_value_dir_get(self, key):
+            step = sum(e.startswith("progress") for e in events)
+            if step < polls:
+                other.report_progress()
+                events.append(f"progress {step}")
+            elif "peer arrives" not in events:
+                events.append("peer arrives")
+                other.barrier("done")  # process 0 is there already: returns at once
+            return kv.key_value_dir_get(key)
+
+    group = ProcessGroup(PeerStepsOnEachPoll(), 0, 2, namespace="t", timeout=0.1)
     group.barrier("done")  # must neither time out (progress is made) nor return early
     events.append("barrier returned")
-    thread.join()
-    assert events.index("barrier returned") > events.index("peer arrives")
-    assert [e for e in events if e.startswith("progress")] == [f"progress {i}" for i in range(8)]
+    assert events == [f"progress {i}" for i in range(polls)] + ["peer arrives", "barrier returned"]
 
 
 def test_existing_destination_is_refused_by_every_process(sources, tmp_path):

@@ -7,6 +7,8 @@ interrupted write leaves a prefix every command refuses; storage failures are on
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -244,3 +246,26 @@ def test_unreachable_endpoint_is_a_one_line_error_in_a_few_seconds(s3, maxtext_f
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_moto_fails_the_s3_tests_instead_of_skipping_them(tmp_path):
+    # A `moto` that cannot be imported, first on the path of a nested pytest run.
+    hidden = tmp_path / "hidden" / "moto"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'moto'\", name='moto')\n"
+    )
+    path = os.pathsep.join(filter(None, [str(hidden.parent), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        + [f"{pathlib.Path(__file__).resolve()}::test_writer_and_reader_on_s3"],
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED, proc.stdout[-3000:]
+    assert "1 error" in summary and "skipped" not in summary, proc.stdout[-3000:]
+    assert "pip install -e '.[test]'" in proc.stdout, proc.stdout[-3000:]

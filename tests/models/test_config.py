@@ -139,6 +139,11 @@ def test_harmless_values_are_accepted(key, value):
     assert ModelConfig.from_maxtext({"train_overrides": {key: value}}) == (
         ModelConfig.from_maxtext({})
     )
+    # Next to real settings, those still land where they belong (derived names included).
+    real = {"base_emb_dim": "64", "base_mlp_dim": "128", "vocab_size": "256"}
+    config = ModelConfig.from_maxtext({**real, key: value})
+    assert config == ModelConfig.from_maxtext(real)
+    assert (config.emb_dim, config.mlp_dim, config.vocab_size) == (64, 128, 256)
 
 
 def test_float32_only_precision_knobs():

@@ -28,6 +28,11 @@ def _strings(doc):
         yield doc
 
 
+def _looks_like_a_repr(s: str) -> bool:
+    """A Python repr of a PartitionSpec, tuple or list inside a JSON string."""
+    return "P(" in s or "(" in s or "[" in s
+
+
 def test_annotate_json_is_structured(maxtext_fixtures):
     cfg = maxtext_fixtures / "A" / "config.json"
     result = CliRunner().invoke(
@@ -35,7 +40,7 @@ def test_annotate_json_is_structured(maxtext_fixtures):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert not [s for s in _strings(doc) if "P(" in s or s.startswith("(")]
+    assert not [s for s in _strings(doc) if _looks_like_a_repr(s)]
     for row in doc["rows"]:
         assert isinstance(row["shape"], list) and all(isinstance(d, int) for d in row["shape"])
         assert len(row["spec"]) == len(row["shape"]), row
@@ -64,3 +69,28 @@ def test_annotate_model_rows(maxtext_fixtures):
     q = next(r for r in rows if r["path"] == "decoder/layers/self_attention/query/kernel")
     assert q["spec"] == [None, "fsdp", "tensor", None]
     assert q["shard_shape"] == [2, 16, 2, 16]
+
+
+def test_annotate_json_fallbacks_are_structured(maxtext_fixtures):
+    # Fixture A has 2 KV heads: a 4-way tensor axis cannot split them, so they are replicated.
+    cfg = maxtext_fixtures / "A" / "config.json"
+    args = ["annotate", "--model-config", str(cfg), "--mesh", "data=2,tensor=4"]
+    result = CliRunner().invoke(main, [*args, "--replicate-indivisible", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert not [s for s in _strings(doc) if _looks_like_a_repr(s)]
+    assert doc["fallbacks"], doc
+    paths = {r["path"] for r in doc["rows"]}
+    for f in doc["fallbacks"]:
+        assert set(f) == {"path", "dim", "size", "axes"}, f
+        assert f["path"] in paths and f["size"] == 2 and f["axes"] == ["tensor"], f
+    assert {
+        "decoder/layers/self_attention/key/kernel",
+        "decoder/layers/self_attention/value/kernel",
+    } <= {f["path"] for f in doc["fallbacks"]}
+    text = CliRunner().invoke(main, [*args, "--replicate-indivisible"])
+    assert text.exit_code == 0, text.output
+    assert (
+        "replicated (indivisible): decoder/layers/self_attention/key/kernel dim 2 (size 2) "
+        "over tensor" in text.stdout.splitlines()
+    )
