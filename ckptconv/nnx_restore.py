@@ -88,10 +88,10 @@ def param_shardings(model: Any, *, mesh: Any, rules: Any = "maxtext") -> Any:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from .sharding import LogicalAxisRules, named_shardings, param_partition_specs
+    from .sharding import LogicalAxisRules, load_rules, named_shardings, param_partition_specs
 
     if not isinstance(rules, LogicalAxisRules):
-        rules = LogicalAxisRules.load(rules)
+        rules = load_rules(rules)
     if rules.mesh_axes is None:
         # Rules that do not declare their mesh axes must name only axes of this mesh, so a
         # typo is an error instead of a silently replicated dimension.

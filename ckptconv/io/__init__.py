@@ -2,6 +2,7 @@
 
 from ._copy import can_copy_verbatim as can_copy_verbatim
 from ._format import dtype_itemsize as dtype_itemsize
+from ._format import normalize_index as normalize_index
 from ._format import numpy_dtype as numpy_dtype
 from ._format import one_line as one_line
 from ._oserrors import describe_os_error as describe_os_error

@@ -81,6 +81,8 @@ def numpy_dtype(name: str) -> np.dtype:
     except TypeError:
         import ml_dtypes
 
+        if not isinstance(name, str) or not hasattr(ml_dtypes, name):
+            raise TypeError(f"data type {name!r} not understood") from None
         return np.dtype(getattr(ml_dtypes, name))
 
 

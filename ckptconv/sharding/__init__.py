@@ -14,5 +14,6 @@ from .mesh import parse_mesh_spec as parse_mesh_spec
 from .presets import FSDP_TP_MESH_AXES as FSDP_TP_MESH_AXES
 from .presets import PRESET_NAMES as PRESET_NAMES
 from .presets import get_preset as get_preset
+from .presets import load_rules as load_rules
 from .presets import maxtext_mesh_axes as maxtext_mesh_axes
 from .rules import LogicalAxisRules as LogicalAxisRules

@@ -44,7 +44,7 @@ def annotate_model(
     from ..models import nnx as nnx_models
     from .annotate import Fallback, ShardingFallbackWarning, annotation_rows
     from .mesh import make_mesh, parse_mesh_spec
-    from .rules import LogicalAxisRules
+    from .presets import load_rules
 
     config = ModelConfig.load(model_config)
     # Planning needs axis sizes only: an abstract mesh lets a laptop annotate for a pod.
@@ -53,7 +53,7 @@ def annotate_model(
         mesh = make_mesh(mesh_spec)
     else:
         mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
-    axis_rules = LogicalAxisRules.load(rules)
+    axis_rules = load_rules(rules)
     if axis_rules.mesh_axes is None:
         axis_rules.validate(mesh)
     model_mode = {"params": "prefill", "prefill": "prefill", "ar": "autoregressive"}[mode]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import pathlib
 
 from ..errors import ShardingError
 from .rules import LogicalAxisRules
@@ -52,7 +53,7 @@ def maxtext() -> LogicalAxisRules:
         P(None, None, ('autoregressive', 'tensor', 'tensor_sequence'), None)
     """
     resource = importlib.resources.files(__package__).joinpath("maxtext_rules.json")
-    return LogicalAxisRules._from_text(
+    return LogicalAxisRules.from_text(
         resource.read_text(), source=f"{__package__}/maxtext_rules.json", yaml_first=False
     )
 
@@ -105,3 +106,30 @@ def get_preset(name: str) -> LogicalAxisRules:
             f"unknown logical axis rules preset {name!r}; known presets: {', '.join(PRESET_NAMES)}"
         ) from None
     return factory()
+
+
+def load_rules(name_or_path: str | pathlib.Path) -> LogicalAxisRules:
+    """Returns a preset by name (``"maxtext"``, ``"fsdp-tp"``) or reads rules from a file.
+
+    Args:
+        name_or_path: a preset name or the path of a JSON/YAML rules file.
+
+    Returns:
+        The rules.
+
+    Raises:
+        ShardingError: it is neither a known preset nor an existing file.
+
+    Example:
+        >>> load_rules("fsdp-tp").to_partition_spec(("embed", "mlp"))
+        P('fsdp', 'tensor')
+    """
+    if isinstance(name_or_path, str) and name_or_path in PRESET_NAMES:
+        return get_preset(name_or_path)
+    path = pathlib.Path(name_or_path)
+    if not path.is_file():
+        raise ShardingError(
+            f"{str(name_or_path)!r} is neither a rules preset ({', '.join(PRESET_NAMES)}) "
+            "nor an existing rules file"
+        )
+    return LogicalAxisRules.from_file(path)

@@ -162,10 +162,20 @@ class LogicalAxisRules(Sequence[Rule]):
             text = path.read_text()
         except OSError as e:
             raise ShardingError(f"cannot read logical axis rules file {path}: {e}") from e
-        return cls._from_text(text, source=str(path), yaml_first=path.suffix in (".yaml", ".yml"))
+        return cls.from_text(text, source=str(path), yaml_first=path.suffix in (".yaml", ".yml"))
 
     @classmethod
-    def _from_text(cls, text: str, *, source: str, yaml_first: bool) -> LogicalAxisRules:
+    def from_text(cls, text: str, *, source: str, yaml_first: bool = False) -> LogicalAxisRules:
+        """Parses rules from JSON or YAML text (see :meth:`from_file`).
+
+        Args:
+            text: the document.
+            source: names it in errors (a path, a package resource).
+            yaml_first: parse as YAML first (else JSON, falling back to YAML).
+
+        Raises:
+            ShardingError: the text is unparsable or holds invalid rules.
+        """
         data: Any
         try:
             if yaml_first:
@@ -194,35 +204,6 @@ class LogicalAxisRules(Sequence[Rule]):
             return cls(data, mesh_axes=mesh_axes)
         except ShardingError as e:
             raise ShardingError(f"{source}: {e}") from e
-
-    @classmethod
-    def load(cls, name_or_path: str | pathlib.Path) -> LogicalAxisRules:
-        """Returns a preset by name (``"maxtext"``, ``"fsdp-tp"``) or reads rules from a file.
-
-        Args:
-            name_or_path: a preset name or the path of a JSON/YAML rules file.
-
-        Returns:
-            The rules.
-
-        Raises:
-            ShardingError: it is neither a known preset nor an existing file.
-
-        Example:
-            >>> LogicalAxisRules.load("fsdp-tp").to_partition_spec(("embed", "mlp"))
-            P('fsdp', 'tensor')
-        """
-        from .presets import PRESET_NAMES, get_preset
-
-        if isinstance(name_or_path, str) and name_or_path in PRESET_NAMES:
-            return get_preset(name_or_path)
-        path = pathlib.Path(name_or_path)
-        if not path.is_file():
-            raise ShardingError(
-                f"{str(name_or_path)!r} is neither a rules preset ({', '.join(PRESET_NAMES)}) "
-                "nor an existing rules file"
-            )
-        return cls.from_file(path)
 
     # -- the Sequence protocol ----------------------------------------------------------------
 

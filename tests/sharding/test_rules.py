@@ -9,7 +9,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from ckptconv.errors import ShardingError
-from ckptconv.sharding import LogicalAxisRules, get_preset
+from ckptconv.sharding import LogicalAxisRules, get_preset, load_rules
 
 NAMES = ["a", "b", "c", "d"]
 AXES = ["x", "y", "z"]
@@ -313,13 +313,13 @@ def test_from_file_missing(tmp_path):
 
 
 def test_load_preset_or_path(tmp_path):
-    assert LogicalAxisRules.load("fsdp-tp") == get_preset("fsdp-tp")
+    assert load_rules("fsdp-tp") == get_preset("fsdp-tp")
     path = tmp_path / "r.json"
     path.write_text('[["embed", "fsdp"]]')
-    assert LogicalAxisRules.load(path).to_pairs() == (("embed", "fsdp"),)
-    assert LogicalAxisRules.load(str(path)).to_pairs() == (("embed", "fsdp"),)
+    assert load_rules(path).to_pairs() == (("embed", "fsdp"),)
+    assert load_rules(str(path)).to_pairs() == (("embed", "fsdp"),)
     with pytest.raises(ShardingError, match="maxtext, fsdp-tp"):
-        LogicalAxisRules.load("no-such-preset")
+        load_rules("no-such-preset")
 
 
 def test_sharding_error_is_value_error():
