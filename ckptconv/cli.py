@@ -109,7 +109,8 @@ def _convert_options(f):
             "--layout",
             type=click.Choice(["maxtext", "flax", "nnx"]),
             default=None,
-            help="Source layout (detected when omitted).",
+            help="Layout of the SOURCE (detected when omitted; refused if it contradicts "
+            "detection). nnx-to-linen reads nnx: use --to to pick the Linen layout to write.",
         ),
         click.option(
             "--rename",
@@ -127,15 +128,21 @@ def _convert_options(f):
             "--linen-scan-axis",
             type=int,
             default=None,
-            help="Stacking axis of Linen params (default: recorded, else 1).",
+            help="Stacking axis of Linen params (default: recorded, else 1). Negative "
+            "counts from the end of each stacked leaf, as numpy.moveaxis; out of range is refused.",
         ),
         click.option(
             "--nnx-scan-axis",
             type=int,
             default=None,
-            help="Stacking axis of NNX params (default: recorded, else 0).",
+            help="Stacking axis of NNX params (default: recorded, else 0). Negative counts "
+            "from the end of each stacked leaf, as numpy.moveaxis; out of range is refused.",
         ),
-        click.option("--dtype", default=None, help="Cast floating params, e.g. bfloat16."),
+        click.option(
+            "--dtype",
+            default=None,
+            help="Cast floating params to a floating dtype: bfloat16, float16, float32, float64.",
+        ),
         click.option("--params-only", is_flag=True, help="Keep the params only."),
         click.option("--force", is_flag=True, help="Replace an existing destination."),
         click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
@@ -286,7 +293,7 @@ def linen_to_nnx(src: str, dst: str, **kw) -> None:
     "target_layout",
     type=click.Choice(["maxtext", "flax"]),
     default=None,
-    help="Linen layout to write (default: the one recorded at conversion).",
+    help="Linen layout to WRITE (default: the one recorded at conversion, else maxtext).",
 )
 @user_errors
 def nnx_to_linen(src: str, dst: str, **kw) -> None:

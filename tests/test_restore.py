@@ -49,7 +49,7 @@ def logits_of(model, tokens):
     [
         ("A", ConvertOptions(), {}),
         ("A", ConvertOptions(params_only=True), {}),
-        ("B", ConvertOptions(scan_layers=True), {"scan_layers": True}),
+        ("B", ConvertOptions(scan_layers=True, params_only=True), {"scan_layers": True}),
         ("B", ConvertOptions(), {}),
     ],
 )

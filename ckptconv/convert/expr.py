@@ -21,8 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..io._format import normalize_index
-from ..io.leaf import KeyPath, _np_dtype, keystr
+from ..io import KeyPath, keystr, normalize_index, numpy_dtype
 
 ReadFn = Callable[[KeyPath, "tuple[slice | int, ...] | None"], np.ndarray]
 
@@ -319,10 +318,10 @@ def _evaluate(x: Expr, read: ReadFn, index: tuple[slice, ...] | None) -> np.ndar
         parts = [_evaluate(x.xs[i], read, rest) for i in range(layers.start, layers.stop)]
         if not parts:
             shape = tuple(s.stop - s.start for s in index)
-            return np.empty(shape, _np_dtype(x.dtype))
+            return np.empty(shape, numpy_dtype(x.dtype))
         return np.stack(parts, axis=x.axis)
     if isinstance(x, Cast):
-        return _evaluate(x.x, read, index).astype(_np_dtype(x.dtype))
+        return _evaluate(x.x, read, index).astype(numpy_dtype(x.dtype))
     raise TypeError(f"unknown expression {type(x).__name__}")
 
 

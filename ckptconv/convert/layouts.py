@@ -87,13 +87,53 @@ def layout_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def matching_layouts(leaves: dict[KeyPath, Leaf]) -> list[Layout]:
+    """Returns every registered layout whose ``matches`` accepts ``leaves``."""
+    return [lay for lay in _REGISTRY.values() if lay.matches(leaves)]
+
+
+def resolve_layout(
+    leaves: dict[KeyPath, Leaf], forced: str | None, where: str = "checkpoint"
+) -> tuple[Layout, bool]:
+    """Returns the layout to parse ``leaves`` as, and whether detection confirmed it.
+
+    Without ``forced`` this is :func:`detect_layout`. A forced layout (``--layout``, the
+    *source's* layout) must agree with detection: when one layout, or several, match and
+    ``forced`` is not among them, the checkpoint is not what the user says, and it is
+    refused naming what was detected. When nothing matches, ``forced`` is used as given.
+
+    Args:
+        leaves: the checkpoint's leaves.
+        forced: the layout named by the user, or None.
+        where: how to name the checkpoint in errors.
+
+    Returns:
+        ``(layout, confirmed)``; ``confirmed`` is False when ``forced`` is used although no
+        layout matched.
+
+    Raises:
+        LayoutError: for an unknown name, or a forced layout that contradicts detection.
+    """
+    if forced is None:
+        return detect_layout(leaves, where), True
+    lay = get_layout(forced)
+    found = [m.name for m in matching_layouts(leaves)]
+    if found and forced not in found:
+        detected = " or ".join(found)
+        raise LayoutError(
+            f"{where}: --layout {forced} names the source's layout, but the source is "
+            f"detected as {detected}; omit --layout to read it as {detected}"
+        )
+    return lay, bool(found)
+
+
 def detect_layout(leaves: dict[KeyPath, Leaf], where: str = "checkpoint") -> Layout:
     """Returns the one layout that matches ``leaves``.
 
     Raises:
         LayoutError: when no layout, or more than one, matches.
     """
-    found = [lay for lay in _REGISTRY.values() if lay.matches(leaves)]
+    found = matching_layouts(leaves)
     if len(found) == 1:
         return found[0]
     tops = sorted({p[0] for p in leaves if p})

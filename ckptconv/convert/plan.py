@@ -13,24 +13,41 @@ import dataclasses
 
 import numpy as np
 
-from ..errors import PlanError
+from ..errors import LayoutError, PlanError
 from ..io.leaf import KeyPath, Leaf, keystr
 from . import rules
 from .expr import is_data_movement
-from .layouts import OutLeaf, detect_layout, get_layout
+from .layouts import OutLeaf, get_layout, matching_layouts, resolve_layout
 from .tree import PARAMS, TrainTree
 
 INFO_KEY = "ckptconv"
 DEFAULT_LINEN_SCAN_AXIS = 1
 DEFAULT_NNX_SCAN_AXIS = 0
+LINEN_AXIS_OPTION = "--linen-scan-axis"
+NNX_AXIS_OPTION = "--nnx-scan-axis"
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvertOptions:
     """Options of a conversion, in either direction.
 
+    Scan axes follow numpy exactly. An axis ``a`` of a stacked leaf of rank ``n`` (the rank
+    with the layer axis) must satisfy ``-n <= a < n``; a negative one counts from the end, per
+    leaf, as in ``numpy.moveaxis`` (moving a stacked axis) and ``numpy.stack`` (stacking
+    layers): with ``nnx_scan_axis=-1`` every stacked param has its layer axis last. The value
+    given is recorded as given, so ``nnx-to-linen`` resolves it against the same ranks and
+    inverts the move exactly. An axis out of range for any stacked param is a
+    :class:`~ckptconv.errors.PlanError` naming the leaf, its rank and the axis (never clamped).
+    Other collections of a layer family (rng state, caches), at any depth under the layer,
+    are stacked with the params, always at axis 0, and split on axis 0. A leaf stored for
+    some layers only (a param, or state the layers share, which NNX stores once) cannot be
+    stacked: ``scan_layers=True`` refuses it, naming it (``params_only`` drops the non-param
+    collections). Scan axes must be integers.
+
     Attributes:
-        layout: source layout name; ``None`` detects it.
+        layout: the *source's* layout name; ``None`` detects it. A layout that contradicts
+            detection is refused, naming the detected one (``nnx-to-linen`` reads ``nnx``
+            only; ``target_layout`` picks the Linen layout it writes).
         target_layout: for ``nnx-to-linen``: ``maxtext`` or ``flax``; ``None`` uses the
             layout recorded at conversion time, else ``maxtext``.
         renames: ``(regex, replacement)`` pairs applied to '/'-joined model paths.
@@ -40,7 +57,8 @@ class ConvertOptions:
             metadata, else 1 (MaxText's ``param_scan_axis``).
         nnx_scan_axis: stacking axis of NNX params; ``None`` reads it from the recorded
             metadata, else 0.
-        dtype: cast floating params (and their optimizer mirrors) to this dtype.
+        dtype: cast floating params (and their optimizer mirrors) to this floating dtype
+            (one of :data:`~ckptconv.convert.rules.FLOAT_DTYPES`); others are refused.
         params_only: keep the params only (no optimizer state, step or other collections).
         families: names of layer families (``layers`` stacks ``layers_0``, ``layers_1``...).
     """
@@ -154,9 +172,55 @@ def _params_only(tree: TrainTree) -> None:
 def parse_source(
     leaves: dict[KeyPath, Leaf], custom_metadata: dict | None, layout: str | None, where: str
 ) -> TrainTree:
-    """Parses a checkpoint's metadata into a TrainTree with the given or detected layout."""
-    lay = get_layout(layout) if layout else detect_layout(leaves, where)
-    return lay.parse(leaves, recorded_info(custom_metadata))
+    """Parses a checkpoint's metadata into a TrainTree with the given or detected layout.
+
+    Raises:
+        LayoutError: when no layout is detected, or ``layout`` contradicts detection (see
+            :func:`~ckptconv.convert.layouts.resolve_layout`), or the tree does not parse.
+    """
+    lay, confirmed = resolve_layout(leaves, layout, where)
+    try:
+        return lay.parse(leaves, recorded_info(custom_metadata))
+    except LayoutError as e:
+        if confirmed:
+            raise
+        raise LayoutError(f"{e} (read as --layout {layout}; no layout was detected)") from e
+
+
+def _parse_nnx_source(
+    leaves: dict[KeyPath, Leaf], custom_metadata: dict | None, layout: str | None, where: str
+) -> TrainTree:
+    """Parses the source of ``nnx-to-linen``, which must be an NNX checkpoint."""
+    found = [m.name for m in matching_layouts(leaves)]
+    detected = found[0] if len(found) == 1 else None
+    if detected not in (None, "nnx"):
+        forced = f" (--layout {layout} names the source's layout)" if layout else ""
+        raise LayoutError(
+            f"{where}: is a {detected} checkpoint (detected), not nnx{forced}: nnx-to-linen "
+            "reads NNX checkpoints; use linen-to-nnx to convert it"
+        )
+    if layout not in (None, "nnx"):
+        what = "an nnx checkpoint (detected)" if detected else "expected to be nnx"
+        raise LayoutError(
+            f"{where}: --layout {layout} names the source's layout, and the source of "
+            f"nnx-to-linen is {what}; use --to {layout} to pick the Linen layout to write"
+        )
+    return parse_source(leaves, custom_metadata, "nnx", where)
+
+
+def _parse_linen_source(
+    leaves: dict[KeyPath, Leaf], custom_metadata: dict | None, layout: str | None, where: str
+) -> TrainTree:
+    """Parses the source of ``linen-to-nnx``, which must be a Linen checkpoint."""
+    found = [m.name for m in matching_layouts(leaves)]
+    if found == ["nnx"] or (layout == "nnx" and not found):
+        forced = f" (--layout {layout} names the source's layout)" if layout else ""
+        what = "is an nnx checkpoint (detected)" if found == ["nnx"] else "is read as nnx"
+        raise LayoutError(
+            f"{where}: {what}{forced}: linen-to-nnx reads Linen checkpoints (maxtext, flax); "
+            "use nnx-to-linen to convert it"
+        )
+    return parse_source(leaves, custom_metadata, layout, where)
 
 
 def plan_linen_to_nnx(
@@ -181,19 +245,32 @@ def plan_linen_to_nnx(
         LayoutError: when the source is not a Linen layout.
         PlanError: when a rule cannot be applied.
     """
-    tree = parse_source(leaves, custom_metadata, options.layout, where)
+    if options.dtype:
+        _check_dtype(options.dtype)
+    tree = _parse_linen_source(leaves, custom_metadata, options.layout, where)
     src_layout = tree.info["source_layout"]
-    if src_layout == "nnx":
-        raise PlanError(f"{where}: is already an NNX checkpoint; use nnx-to-linen")
     if options.params_only:
         _params_only(tree)
     mapping = rules.rename(tree, options.renames)
     recorded = recorded_info(custom_metadata)
-    linen_axis = _pick(options.linen_scan_axis, recorded.get("linen_scan_axis"), 1)
-    nnx_axis = _pick(options.nnx_scan_axis, None, DEFAULT_NNX_SCAN_AXIS)
-    change = _restack(tree, options.scan_layers, linen_axis, nnx_axis, options.families)
+    linen_axis = _pick_axis(
+        options.linen_scan_axis,
+        recorded.get("linen_scan_axis"),
+        DEFAULT_LINEN_SCAN_AXIS,
+        LINEN_AXIS_OPTION,
+        where,
+    )
+    nnx_axis = _pick_axis(
+        options.nnx_scan_axis, None, DEFAULT_NNX_SCAN_AXIS, NNX_AXIS_OPTION, where
+    )
+    change = _restack(
+        tree,
+        options.scan_layers,
+        (linen_axis, LINEN_AXIS_OPTION),
+        (nnx_axis, NNX_AXIS_OPTION),
+        options.families,
+    )
     if options.dtype:
-        _check_dtype(options.dtype)
         rules.cast_params(tree, options.dtype)
     info = {
         "source_layout": src_layout,
@@ -229,31 +306,55 @@ def plan_nnx_to_linen(
 
     Returns:
         The plan.
+
+    Raises:
+        LayoutError: when the source is not an NNX checkpoint, or ``options.layout`` names
+            another layout (the source's layout; ``options.target_layout`` is the output's).
+        PlanError: when a rule cannot be applied.
     """
-    tree = parse_source(leaves, custom_metadata, options.layout or "nnx", where)
-    if tree.info.get("source_layout") not in (None, "nnx", "maxtext", "flax"):
-        raise PlanError(f"{where}: unknown recorded layout {tree.info['source_layout']!r}")
+    if options.dtype:
+        _check_dtype(options.dtype)
+    tree = _parse_nnx_source(leaves, custom_metadata, options.layout, where)
     info = recorded_info(custom_metadata)
-    target = options.target_layout or info.get("source_layout") or "maxtext"
+    recorded = info.get("source_layout")
+    if options.target_layout is None and recorded not in (None, "maxtext", "flax"):
+        raise PlanError(
+            f"{where}: unknown recorded layout {recorded!r} in the custom metadata: expected "
+            "maxtext or flax; pass --to to pick the Linen layout to write"
+        )
+    target = options.target_layout or recorded or "maxtext"
     lay = get_layout(target)
     if target == "nnx":
         raise PlanError("nnx-to-linen: the target layout must be maxtext or flax")
     if options.params_only:
         _params_only(tree)
     families = tuple(info.get("families", options.families))
-    linen_axis = _pick(options.linen_scan_axis, info.get("linen_scan_axis"), 1)
-    nnx_axis = _pick(options.nnx_scan_axis, info.get("nnx_scan_axis"), DEFAULT_NNX_SCAN_AXIS)
+    linen_axis = _pick_axis(
+        options.linen_scan_axis,
+        info.get("linen_scan_axis"),
+        DEFAULT_LINEN_SCAN_AXIS,
+        LINEN_AXIS_OPTION,
+        where,
+    )
+    nnx_axis = _pick_axis(
+        options.nnx_scan_axis,
+        info.get("nnx_scan_axis"),
+        DEFAULT_NNX_SCAN_AXIS,
+        NNX_AXIS_OPTION,
+        where,
+    )
     scan_layers = options.scan_layers
     if scan_layers is None and info.get("scan_change") == "scanned":
         scan_layers = False
     elif scan_layers is None and info.get("scan_change") == "unscanned":
         scan_layers = True
-    _restack(tree, scan_layers, nnx_axis, linen_axis, families)
+    _restack(
+        tree, scan_layers, (nnx_axis, NNX_AXIS_OPTION), (linen_axis, LINEN_AXIS_OPTION), families
+    )
     inverse = {new: old for old, new in info.get("renames", {}).items()}
     rules.apply_mapping(tree, inverse)
     rules.rename(tree, options.renames)
     if options.dtype:
-        _check_dtype(options.dtype)
         rules.cast_params(tree, options.dtype)
     if tree.step is not None:
         tree.info["step_dtype"] = info.get("step_dtype", "int32")
@@ -265,41 +366,69 @@ def plan_nnx_to_linen(
 
 
 def _restack(
-    tree: TrainTree, scan_layers: bool | None, src_axis: int, dst_axis: int, families
+    tree: TrainTree,
+    scan_layers: bool | None,
+    src: tuple[int, str],
+    dst: tuple[int, str],
+    families,
 ) -> str | None:
     """Keeps, splits or builds layer stacks; returns ``"scanned"``/``"unscanned"`` or None.
 
-    A scanned source keeps its stacks (moving the params' axis ``src_axis -> dst_axis``)
-    unless ``scan_layers`` is False; an unscanned one is stacked at ``dst_axis`` when
-    ``scan_layers`` is True.
+    A scanned source keeps its stacks (moving the params' axis ``src -> dst``) unless
+    ``scan_layers`` is False; an unscanned one is stacked at ``dst`` when ``scan_layers`` is
+    True. ``src`` and ``dst`` are ``(axis, option name)``: the name is for errors.
     """
     if rules.is_scanned(tree, families):
         if scan_layers is False:
-            rules.unscan(tree, src_axis, families)
+            rules.unscan(tree, src[0], families, src[1])
             return "unscanned"
-        rules.move_scan_axis(tree, src_axis, dst_axis, families)
+        rules.move_scan_axis(tree, src[0], dst[0], families, (src[1], dst[1]))
         return None
     if scan_layers:
-        rules.scan(tree, dst_axis, families)
+        rules.scan(tree, dst[0], families, dst[1])
         return "scanned"
     return None
 
 
-def _pick(explicit, recorded, default):
+def _pick_axis(explicit, recorded, default: int, option: str, where: str) -> int:
+    """The explicit scan axis, else the recorded one, else ``default``; each an integer.
+
+    Raises:
+        PlanError: when the explicit or the recorded axis is not an integer.
+    """
     if explicit is not None:
-        return explicit
-    if recorded is not None:
-        return recorded
-    return default
+        value, what = explicit, option
+    elif recorded is not None:
+        value, what = recorded, f"{where}: the {option[2:].replace('-', '_')} recorded in"
+        what += " the custom metadata"
+    else:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"{what}: expected an integer axis, found {value!r}")
+    return value
 
 
 def _check_dtype(name: str) -> None:
-    from ..io.leaf import _np_dtype
+    """Refuses a ``--dtype`` that is unknown or not floating (a cast to int8 is garbage)."""
+    from ..io import numpy_dtype
 
+    allowed = ", ".join(sorted(rules.FLOAT_DTYPES))
     try:
-        _np_dtype(name)
+        dt = numpy_dtype(name)
     except TypeError as e:
-        raise PlanError(f"--dtype {name}: not a dtype numpy knows") from e
+        raise PlanError(
+            f"--dtype {name}: not a dtype numpy knows; expected a floating dtype ({allowed})"
+        ) from e
+    if dt.name not in rules.FLOAT_DTYPES:
+        raise PlanError(
+            f"--dtype {name}: expected a floating dtype ({allowed}), found {dt.name} "
+            f"({_dtype_kind(dt)})"
+        )
+
+
+def _dtype_kind(dt: np.dtype) -> str:
+    kinds = {"i": "integer", "u": "unsigned integer", "b": "boolean", "c": "complex"}
+    return kinds.get(dt.kind, "not one ckptconv casts to")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,15 @@
 Every rule transforms the model variables and, identically, every optimizer tree that
 mirrors the params (``mu``, ``nu``, ...), so the optimizer state never diverges from the
 params. Params of scanned layers are stacked at the Linen ``param_scan_axis`` (or the NNX
-stacking axis); every other collection (rng state, caches, batch stats) is stacked at axis 0
-and is sliced on its own axis.
+stacking axis); every other collection (rng state, caches, batch stats), at any depth under
+the layer, is stacked with them at axis 0 and is sliced on its own axis. State stored for some
+layers only (shared by the layers, see :func:`scan`) cannot be stacked and is refused.
+
+Stacking axes follow numpy: an axis ``a`` of a stacked leaf of rank ``n`` must satisfy
+``-n <= a < n`` (:func:`normalize_axis`), a negative one counts from the end exactly as in
+``numpy.moveaxis``/``numpy.stack``, and it is resolved per leaf, so the same value undoes
+itself in the reverse conversion. An axis out of range for a leaf is a :class:`PlanError`
+naming the leaf, its rank and the axis; it is never clamped.
 
 Rules:
     * :func:`rename`: regex renames of '/'-joined model paths; the applied mapping is returned
@@ -23,7 +30,7 @@ from collections.abc import Callable, Iterable
 from ..errors import PlanError
 from ..io.leaf import KeyPath, keystr
 from .expr import Expr, cast, move_axis, stack, take
-from .tree import PARAMS, TrainTree
+from .tree import PARAMS, TrainTree, check_no_prefix
 
 DEFAULT_FAMILIES = ("layers", "dense_layers", "moe_layers")
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
@@ -31,14 +38,24 @@ FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 PathFn = Callable[[KeyPath, Expr, bool], "dict[KeyPath, Expr]"]
 
 
-def _map_tree(tree: TrainTree, fn: PathFn) -> None:
-    """Applies ``fn(path, expr, is_param) -> {new_path: expr}`` to the model and the mirrors."""
+def _map_tree(tree: TrainTree, fn: PathFn, what: str = "by the conversion rules") -> None:
+    """Applies ``fn(path, expr, is_param) -> {new_path: expr}`` to the model and the mirrors.
+
+    Raises:
+        PlanError: when two leaves map onto one path, or a leaf onto a module's path.
+    """
     model: dict[KeyPath, tuple[str, Expr]] = {}
+    origin: dict[KeyPath, KeyPath] = {}
     for path, (kind, e) in tree.model.items():
         for p, x in fn(path, e, kind == PARAMS).items():
             if p in model:
-                raise PlanError(f"{keystr(p)}: two model leaves map to this path")
+                raise PlanError(
+                    f"{keystr(p)}: two model leaves map to this path {what} "
+                    f"({keystr(origin[p])} and {keystr(path)})"
+                )
             model[p] = (kind, x)
+            origin[p] = path
+    check_no_prefix(model, what)
     tree.model = model
     for entry in tree.opt_state or ():
         if entry is None:
@@ -84,7 +101,7 @@ def rename(tree: TrainTree, rules: Iterable[tuple[str, str]]) -> dict[str, str]:
             mapping[old] = new
         return {tuple(new.split("/")): e}
 
-    _map_tree(tree, fn)
+    _map_tree(tree, fn, "after --rename")
     return mapping
 
 
@@ -109,9 +126,38 @@ def _stacked_index(path: KeyPath, families: Iterable[str]) -> int | None:
     return None
 
 
-def _axis(is_param: bool, param_axis: int, ndim: int) -> int:
-    """Stacking axis of a leaf: params at ``param_axis`` (clamped to the rank), others at 0."""
-    return min(param_axis, ndim - 1) if is_param else 0
+def normalize_axis(axis: int, ndim: int, path: KeyPath, option: str) -> int:
+    """Returns ``axis`` of a rank-``ndim`` stacked leaf as a non-negative index (numpy rules).
+
+    Args:
+        axis: the axis, negative counting from the end.
+        ndim: the rank of the stacked leaf (with its layer axis).
+        path: the leaf's model path, for the error.
+        option: the option the axis comes from (``--nnx-scan-axis``), for the error.
+
+    Raises:
+        PlanError: when ``axis`` is not in ``-ndim..ndim-1``.
+    """
+    if not -ndim <= axis < ndim:
+        raise PlanError(
+            f"{keystr(path)}: {option} {axis} is out of range for this rank-{ndim} stacked "
+            f"leaf: expected an axis in {-ndim}..{ndim - 1}"
+        )
+    return axis % ndim
+
+
+def _axis(path: KeyPath, is_param: bool, param_axis: int, ndim: int, option: str) -> int:
+    """Stacking axis of a rank-``ndim`` stacked leaf: params at ``param_axis``, others at 0."""
+    if not is_param:
+        return 0
+    return normalize_axis(param_axis, ndim, path, option)
+
+
+def _stacked_rank(path: KeyPath, e: Expr) -> int:
+    """Rank of a leaf of a scanned family, which must have a layer axis."""
+    if not e.shape:
+        raise PlanError(f"{keystr(path)}: a scanned leaf must have a layer axis, found ()")
+    return len(e.shape)
 
 
 def is_scanned(tree: TrainTree, families: Iterable[str] = DEFAULT_FAMILIES) -> bool:
@@ -120,29 +166,53 @@ def is_scanned(tree: TrainTree, families: Iterable[str] = DEFAULT_FAMILIES) -> b
 
 
 def move_scan_axis(
-    tree: TrainTree, src: int, dst: int, families: Iterable[str] = DEFAULT_FAMILIES
+    tree: TrainTree,
+    src: int,
+    dst: int,
+    families: Iterable[str] = DEFAULT_FAMILIES,
+    names: tuple[str, str] = ("source scan axis", "target scan axis"),
 ) -> None:
-    """Moves the stacked axis of scanned params (and their mirrors) from ``src`` to ``dst``."""
-    if src == dst:
-        return
+    """Moves the stacked axis of scanned params (and their mirrors) from ``src`` to ``dst``.
+
+    Both axes are resolved against each leaf's rank as :func:`numpy.moveaxis` does.
+
+    Args:
+        tree: the tree, changed in place.
+        src: the stacked axis in the source.
+        dst: the stacked axis in the output.
+        families: the layer family names.
+        names: the options ``src`` and ``dst`` come from, for errors.
+
+    Raises:
+        PlanError: naming the leaf, its rank and the axis, when an axis is out of range.
+    """
 
     def fn(path: KeyPath, e: Expr, is_param: bool) -> dict[KeyPath, Expr]:
         if not is_param or _stacked_index(path, families) is None:
             return {path: e}
-        nd = len(e.shape)
-        return {path: move_axis(e, _axis(True, src, nd), _axis(True, dst, nd))}
+        nd = _stacked_rank(path, e)
+        a = _axis(path, True, src, nd, names[0])
+        b = _axis(path, True, dst, nd, names[1])
+        return {path: move_axis(e, a, b)}
 
     _map_tree(tree, fn)
 
 
-def unscan(tree: TrainTree, param_axis: int, families: Iterable[str] = DEFAULT_FAMILIES) -> None:
+def unscan(
+    tree: TrainTree,
+    param_axis: int,
+    families: Iterable[str] = DEFAULT_FAMILIES,
+    option: str = "scan axis",
+) -> None:
     """Splits every stacked family ``<f>/...`` into ``<f>_{i}/...``, slicing each leaf.
 
-    Params are split on ``param_axis``; other collections on axis 0. Every leaf, of any rank,
-    is sliced: nothing is copied whole into every layer.
+    Params are split on ``param_axis`` (numpy rules against each leaf's rank); other
+    collections on axis 0. Every leaf, of any rank, is sliced: nothing is copied whole into
+    every layer.
 
     Raises:
-        PlanError: when the leaves of one family disagree on the number of layers.
+        PlanError: when the leaves of one family disagree on the number of layers, or
+            ``param_axis`` (from ``option``) is out of range for a leaf.
     """
     counts: dict[KeyPath, tuple[int, KeyPath]] = {}
 
@@ -150,9 +220,7 @@ def unscan(tree: TrainTree, param_axis: int, families: Iterable[str] = DEFAULT_F
         k = _stacked_index(path, families)
         if k is None:
             return {path: e}
-        if not e.shape:
-            raise PlanError(f"{keystr(path)}: a scanned leaf must have a layer axis, found ()")
-        axis = _axis(is_param, param_axis, len(e.shape))
+        axis = _axis(path, is_param, param_axis, _stacked_rank(path, e), option)
         n = e.shape[axis]
         fam = path[: k + 1]
         seen = counts.setdefault(fam, (n, path))
@@ -166,13 +234,30 @@ def unscan(tree: TrainTree, param_axis: int, families: Iterable[str] = DEFAULT_F
     _map_tree(tree, fn)
 
 
-def scan(tree: TrainTree, param_axis: int, families: Iterable[str] = DEFAULT_FAMILIES) -> None:
+def scan(
+    tree: TrainTree,
+    param_axis: int,
+    families: Iterable[str] = DEFAULT_FAMILIES,
+    option: str = "scan axis",
+) -> None:
     """Stacks every numbered family ``<f>_{i}/...`` (``f`` in ``families``) into ``<f>/...``.
 
-    Params are stacked at ``param_axis``; other collections at axis 0.
+    Params are stacked at ``param_axis`` (an axis of the stacked leaf, as in
+    :func:`numpy.stack`); every other collection (rng state, caches, batch stats), at any
+    depth under the layer, is stacked at axis 0, together with the params.
+
+    Every leaf of a family must be stored for every layer. A leaf of another collection
+    stored for some layers only is state that the layers share: NNX stores a Variable
+    shared by several modules once, at the first path that reaches it (MaxText 0.2.5's
+    unscanned decoder keeps the one ``Rngs`` of all its layers under
+    ``layers_0/self_attention/rngs``). It has no per-layer form: it is neither copied into
+    every layer nor left behind under ``<f>_{i}`` (no scanned model restores that tree),
+    it is refused, pointing at ``--params-only``.
 
     Raises:
-        PlanError: naming the path when a layer is missing, or shapes or dtypes differ.
+        PlanError: naming the path when a leaf misses a layer, shapes, dtypes or
+            collections differ between layers, or ``param_axis`` (from ``option``) is out
+            of range for a leaf.
     """
     rx = re.compile(rf"^({'|'.join(re.escape(f) for f in families)})_(\d+)$")
 
@@ -182,6 +267,9 @@ def scan(tree: TrainTree, param_axis: int, families: Iterable[str] = DEFAULT_FAM
             if m:
                 return (*path[:k], m.group(1)), int(m.group(2)), path[k + 1 :]
         return None
+
+    def layer_path(fam: KeyPath, i: int, rest: KeyPath) -> KeyPath:
+        return (*fam[:-1], f"{fam[-1]}_{i}", *rest)
 
     def restack(items: dict[KeyPath, Expr], is_param_of: Callable[[KeyPath], bool]):
         groups: dict[tuple[KeyPath, KeyPath], dict[int, Expr]] = {}
@@ -198,37 +286,44 @@ def scan(tree: TrainTree, param_axis: int, families: Iterable[str] = DEFAULT_FAM
         for (fam, rest), layers in groups.items():
             n = max(members[fam]) + 1
             path = (*fam, *rest)
-            if len(layers) < n and not is_param_of(path):
-                # A collection stored for some layers only (MaxText keeps the rng state of
-                # layers_0 alone when unscanned) cannot be stacked: keep it per layer.
-                for i, e in layers.items():
-                    out[(*fam[:-1], f"{fam[-1]}_{i}", *rest)] = e
-                continue
-            for i in range(n):
-                if i not in layers:
-                    name = f"{fam[-1]}_{i}"
-                    missing = keystr((*fam[:-1], name, *rest))
-                    raise PlanError(
-                        f"{missing}: missing while stacking {keystr(fam)}_0..{n - 1} "
-                        f"(found layers {sorted(layers)})"
-                    )
+            missing = [i for i in range(n) if i not in layers]
+            if missing:
+                why = (
+                    "a param must be stored for every layer of a scanned family"
+                    if is_param_of(path)
+                    else "state stored for some layers only is shared by the layers (NNX "
+                    "stores it once) and has no per-layer form; --params-only drops the "
+                    "non-param collections"
+                )
+                raise PlanError(
+                    f"{keystr(layer_path(fam, missing[0], rest))}: missing while stacking "
+                    f"{keystr(fam)}_0..{n - 1} (found layers {sorted(layers)}): {why}"
+                )
             xs = [layers[i] for i in range(n)]
             first = xs[0]
             for i, x in enumerate(xs):
                 if x.shape != first.shape or x.dtype != first.dtype:
-                    where = keystr((*fam[:-1], f"{fam[-1]}_{i}", *rest))
                     raise PlanError(
-                        f"{where}: expected {first.dtype}{list(first.shape)} like layer 0, "
+                        f"{keystr(layer_path(fam, i, rest))}: expected "
+                        f"{first.dtype}{list(first.shape)} like layer 0, "
                         f"found {x.dtype}{list(x.shape)}"
                     )
-            axis = min(param_axis, len(first.shape)) if is_param_of(path) else 0
+            axis = _axis(path, is_param_of(path), param_axis, len(first.shape) + 1, option)
             out[path] = stack(xs, axis)
         return out
 
     stacked_kind: dict[KeyPath, str] = {}
+    first_of: dict[KeyPath, KeyPath] = {}
     for path, (kind, _) in tree.model.items():
         fk = family_key(path)
-        stacked_kind[(*fk[0], *fk[2]) if fk else path] = kind
+        key = (*fk[0], *fk[2]) if fk else path
+        if stacked_kind.setdefault(key, kind) != kind:
+            raise PlanError(
+                f"{keystr(path)}: expected a {stacked_kind[key]} leaf like "
+                f"{keystr(first_of[key])}, found a {kind} leaf: one path of a layer family "
+                "holds one collection in every layer"
+            )
+        first_of.setdefault(key, path)
     restacked = restack(
         {p: e for p, (_, e) in tree.model.items()}, lambda p: stacked_kind.get(p) == PARAMS
     )

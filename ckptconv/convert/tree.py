@@ -104,7 +104,8 @@ def merge_collection(
     """Merges a Linen collection into the model tree at its module paths, in place.
 
     Raises:
-        LayoutError: when a path is already taken by another collection.
+        LayoutError: when a path is already taken by another collection, or a leaf of one
+            collection sits where the other has a module (one path a prefix of the other).
     """
     for path, e in leaves.items():
         if path in model:
@@ -113,3 +114,39 @@ def merge_collection(
                 "merging Linen collections into one NNX model tree"
             )
         model[path] = (kind, e)
+    clash = prefix_conflict(model)
+    if clash is not None:
+        leaf, below = clash
+        raise LayoutError(
+            f"{model[leaf][0]}/{keystr(leaf)}: is a leaf where {model[below][0]}/"
+            f"{keystr(below)} needs a module, when merging Linen collections into one NNX "
+            "model tree"
+        )
+
+
+def prefix_conflict(paths) -> tuple[KeyPath, KeyPath] | None:
+    """Returns ``(leaf, other)`` where leaf path ``leaf`` is a proper prefix of ``other``.
+
+    A tree cannot hold both: ``leaf`` would be an array and a subtree at once.
+    """
+    leaves = set(paths)
+    for p in sorted(leaves):
+        for i in range(1, len(p)):
+            if p[:i] in leaves:
+                return p[:i], p
+    return None
+
+
+def check_no_prefix(model: dict[KeyPath, tuple[str, Expr]], when: str) -> None:
+    """Raises a PlanError when a model leaf path is a proper prefix of another.
+
+    Args:
+        model: the model tree.
+        when: what produced the tree (for the error, e.g. ``"after --rename"``).
+    """
+    from ..errors import PlanError
+
+    clash = prefix_conflict(model)
+    if clash is not None:
+        leaf, below = clash
+        raise PlanError(f"{keystr(leaf)}: is a leaf and also the module of {keystr(below)} {when}")

@@ -187,7 +187,7 @@ def test_composed_permutation_keeps_one_transpose_codec(tmp_path):
     src = tmp_path / "linen"
     arrays = build_linen(src, zarr3=True, dtype="int8", multi_chunk=True)
     convert(src, tmp_path / "nnx")
-    opts = ConvertOptions(linen_scan_axis=2)
+    opts = ConvertOptions(linen_scan_axis=-1)
     convert(tmp_path / "nnx", tmp_path / "axis2", direction="nnx-to-linen", options=opts)
     assert kernel_codecs(tmp_path / "axis2", LINEN_KERNEL).count("transpose") == 1
     got = CheckpointReader(tmp_path / "axis2").read(LINEN_KERNEL)

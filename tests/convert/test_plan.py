@@ -79,6 +79,16 @@ def test_round_trip_bit_exact(fixture_leaves, scan):
     name, leaves = fixture_leaves
     store = FakeStore(leaves)
     meta = {"scan_layers": name == "A"}
+    if name == "B" and scan:
+        # B (MaxText 0.2.5, unscanned) stores the one Rngs its layers share once, under
+        # layers_0: it has no per-layer form, so it is refused, never left behind per layer.
+        with pytest.raises(
+            PlanError, match=r"^decoder/layers_1/self_attention/rngs/.*shared.*--params-only"
+        ):
+            plan_linen_to_nnx(leaves, meta, ConvertOptions(scan_layers=scan))
+        fwd = plan_linen_to_nnx(leaves, meta, ConvertOptions(scan_layers=True, params_only=True))
+        assert not any(seg.startswith("layers_") for p in fwd.output_leaves() for seg in p)
+        return
     fwd = plan_linen_to_nnx(leaves, meta, ConvertOptions(scan_layers=scan))
     # everything but the step counter (int32 -> uint32, a layout rule) is a pure byte move
     moved = [o for o in fwd.leaves if o.expr is not None and o.path[:2] != ("optimizer", "step")]
@@ -276,29 +286,85 @@ def test_dtype_cast_only_touches_float_params_and_mirrors(maxtext_fixtures):
     assert out[("model", "decoder", "rngs", "params", "key", "value")].dtype == "uint32"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     n_layers=st.integers(1, 4),
-    linen_axis=st.integers(0, 2),
-    nnx_axis=st.integers(0, 2),
     dims=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    axes=st.data(),
     dtype=st.sampled_from(["float32", "bfloat16", "int8"]),
     scan=st.sampled_from([None, False]),
 )
-def test_property_scanned_round_trip(n_layers, linen_axis, nnx_axis, dims, dtype, scan):
-    """Any stacked leaf rank, axis and dtype: linen -> nnx -> linen returns the same bytes."""
+def test_property_scanned_round_trip(n_layers, dims, axes, dtype, scan):
+    """Any stacked rank, axis (negative too) and dtype: linen -> nnx -> linen, same bytes."""
+    rank = len(dims) + 1  # the stacked rank of w
+    linen_axis = axes.draw(st.integers(-rank, rank - 1))
+    nnx_axis = axes.draw(st.integers(-rank, rank - 1))
     leaves = {}
+    shape = list(dims)
+    shape.insert(linen_axis % rank, n_layers)
     for root in (("params",), ("opt_state", "0", "mu")):
-        for name, rank in (("w", len(dims)), ("b", 0)):
-            shape = list(dims[:rank])
-            axis = min(linen_axis, len(shape))
-            shape.insert(axis, n_layers)
-            p = (*root, "layers", name)
-            leaves[p] = Leaf(p, tuple(shape), dtype)
+        p = (*root, "layers", "w")
+        leaves[p] = Leaf(p, tuple(shape), dtype)
+    p = ("nnx_aux", "layers", "rngs", "key")  # another collection: always at axis 0
+    leaves[p] = Leaf(p, (n_layers, 2), "uint32")
     leaves[("step",)] = Leaf(("step",), (), "int32")
     store = FakeStore(leaves, seed=n_layers)
     opts = ConvertOptions(scan_layers=scan, linen_scan_axis=linen_axis, nnx_scan_axis=nnx_axis)
     fwd = plan_linen_to_nnx(leaves, {}, opts)
     nnx = run_plan(fwd, store)
+    w = store.data[("params", "layers", "w")]
+    if scan is None:  # the stacked axis moves exactly as numpy.moveaxis moves it
+        got = nnx.data[("model", "layers", "w", "value")]
+        np.testing.assert_array_equal(got, np.moveaxis(w, linen_axis, nnx_axis))
+    else:
+        for i in range(n_layers):
+            got = nnx.data[("model", f"layers_{i}", "w", "value")]
+            np.testing.assert_array_equal(got, np.take(w, i, axis=linen_axis))
     back = plan_nnx_to_linen(nnx.leaves, fwd.custom_metadata)
     assert_same(store, run_plan(back, nnx))
+
+
+# --- plan and target errors ------------------------------------------------------------------
+
+SMALL = {
+    ("params", "dense", "kernel"): Leaf(("params", "dense", "kernel"), (2, 3), "float32"),
+    ("step",): Leaf(("step",), (), "int32"),
+}
+
+
+def test_linen_to_nnx_of_an_nnx_checkpoint_points_at_nnx_to_linen():
+    nnx = plan_linen_to_nnx(SMALL, {}).output_leaves()
+    for forced in (None, "nnx", "maxtext", "flax"):
+        with pytest.raises(
+            LayoutError, match=r"^src: is an nnx checkpoint \(detected\).*use nnx-to-linen"
+        ) as e:
+            plan_linen_to_nnx(nnx, {}, ConvertOptions(layout=forced), where="src")
+        if forced:
+            assert f"--layout {forced} names the source's layout" in str(e.value)
+
+
+def test_nnx_to_linen_refuses_unknown_recorded_and_nnx_target():
+    fwd = plan_linen_to_nnx(SMALL, {})
+    meta = {"ckptconv": {**fwd.custom_metadata["ckptconv"], "source_layout": "mlx"}}
+    with pytest.raises(PlanError, match=r"unknown recorded layout 'mlx'"):
+        plan_nnx_to_linen(fwd.output_leaves(), meta)
+    with pytest.raises(PlanError, match=r"target layout must be maxtext or flax"):
+        plan_nnx_to_linen(
+            fwd.output_leaves(), fwd.custom_metadata, ConvertOptions(target_layout="nnx")
+        )
+
+
+def test_require_target_names_every_problem_in_one_line():
+    from ckptconv.convert.plan import mismatch_error, require_target
+
+    plan = plan_linen_to_nnx(SMALL, {})
+    require_target(plan, None)
+    require_target(plan, {p: (x.shape, x.dtype) for p, x in plan.output_leaves().items()})
+    kernel = ("model", "dense", "kernel", "value")
+    with pytest.raises(PlanError) as e:
+        require_target(plan, {kernel: ((3, 2), "float32")})
+    msg = str(e.value)
+    assert msg.startswith("output does not match the target: model/dense/kernel/value: mismatch")
+    assert "optimizer/step/value: extra" in msg and "\n" not in msg
+    many = check_against({}, {("model", str(i)): ((1,), "int8") for i in range(7)})
+    assert str(mismatch_error(many, "x")).endswith("(and 2 more)")

@@ -47,6 +47,13 @@ def test_fixture_round_trip_is_bit_identical(maxtext_fixtures, tmp_path, name, s
     src = maxtext_fixtures / name / "ckpt"
     before = tree_hash(src)
     opts = ConvertOptions(scan_layers=scan)
+    if name == "B" and scan:
+        # B (MaxText 0.2.5) stores rng state for layers_0 only: it cannot be stacked with the
+        # params, and leaving it under layers_0 would give a tree no scanned model restores.
+        with pytest.raises(PlanError, match="--params-only"):
+            convert(src, tmp_path / "nnx", options=opts)
+        assert not (tmp_path / "nnx").exists()
+        return
     convert(src, tmp_path / "nnx", options=opts)
     convert(tmp_path / "nnx", tmp_path / "back", direction="nnx-to-linen")
     assert_identical(src, tmp_path / "back")
