@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..errors import CkptconvError, DestinationExistsError
+from ..errors import CkptconvError, DestinationExistsError, PlanError
 from ..io import Location, can_copy_verbatim, one_line
 from ..io.multiprocess import MergingWriter, ProcessStoreWriter
 from ..io.sources import CheckpointSource, open_source
@@ -338,5 +338,9 @@ def convert_in_processes(
     )
     if group.num_processes == 1:
         return convert(src, dst, **kwargs)
+    if kwargs.pop("output_format", "ocdbt") != "ocdbt":
+        # Each process writes its own OCDBT database, joined at commit; per-array folders
+        # would need every process to write into the same folders, which is not done yet.
+        raise PlanError("--format zarr: supported in one process only; drop --num-processes")
     with _sigterm_raises(group):
         return convert_distributed(src, dst, group=group, **kwargs)

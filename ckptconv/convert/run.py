@@ -39,7 +39,7 @@ import os
 import resource
 import time
 
-from ..errors import DestinationExistsError
+from ..errors import DestinationExistsError, PlanError
 from ..io import CheckpointWriter, Location
 from ..io.sources import CheckpointSource, open_source
 from .execute import Progress, execute
@@ -56,9 +56,6 @@ from .schedule import DEFAULT_SLAB_BYTES, schedule
 # Writes are committed in transactions of about this many bytes: a slab is written piece by
 # piece, so the writer holds a few pieces rather than whole slabs.
 INFLIGHT_BYTES = 16 << 20
-# Clone the source database only when at most this fraction of the data its B-tree refers to
-# would be left unreferenced in the output (data of source arrays that are decoded or dropped).
-CLONE_MAX_UNUSED_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +125,22 @@ def check_paths(src: Location, dst: Location) -> None:
         )
 
 
+OUTPUT_FORMATS = {"ocdbt": True, "zarr": False}
+
+
+def check_output_format(name: str) -> bool:
+    """Returns whether ``name`` (``--format``) stores arrays in OCDBT.
+
+    Raises:
+        PlanError: an unknown format.
+    """
+    if name not in OUTPUT_FORMATS:
+        raise PlanError(
+            f"--format {name}: expected one of {', '.join(OUTPUT_FORMATS)} (the output's storage)"
+        )
+    return OUTPUT_FORMATS[name]
+
+
 def make_plan(
     source: CheckpointSource, direction: str, options: ConvertOptions = DEFAULT_OPTIONS
 ) -> Plan:
@@ -147,6 +160,7 @@ def convert(
     progress: Progress | None = None,
     fast: bool = True,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
+    output_format: str = "ocdbt",
 ) -> ConvertResult:
     """Converts the checkpoint at ``src`` and writes it to ``dst``.
 
@@ -162,6 +176,9 @@ def convert(
         fast: copy renamed and axis-permuted arrays without decoding them; ``False``
             decodes and re-encodes every array (same values, slower).
         slab_bytes: the largest slab of a decoded array held at once, in bytes.
+        output_format: ``"ocdbt"`` (Orbax's default: one database) or ``"zarr"`` (one zarr
+            folder per array, ``use_ocdbt=False``, which Pathways needs). Chunks are copied
+            verbatim into either where the transform allows.
 
     Note:
         When more than a few MB must be decoded, this sets glibc's malloc mmap threshold to
@@ -177,6 +194,7 @@ def convert(
     Example:
         >>> convert("ckpt/2/items", "nnx_ckpt")  # doctest: +SKIP
     """
+    use_ocdbt = check_output_format(output_format)
     source = open_source(src)
     plan = make_plan(source, direction, options)
     require_target(plan, target)
@@ -191,12 +209,13 @@ def convert(
         use_zarr3=source.use_zarr3,
         custom_metadata=plan.custom_metadata,
         max_inflight_bytes=INFLIGHT_BYTES,
+        use_ocdbt=use_ocdbt,
     ) as writer:
         tasks = schedule(
             plan, source, can_copy=writer.can_copy if fast else None, slab_bytes=slab_bytes
         )
         copied = [t.source[0].path for t in tasks if t.source is not None]
-        cloned = bool(copied) and _worth_cloning(source, copied) and writer.clone_from(source)
+        cloned = writer.clone_for(source, copied)
         done = execute(tasks, source, writer, progress=progress)
     return ConvertResult(
         plan,
@@ -207,18 +226,3 @@ def convert(
         copied_leaves=done.copied_leaves,
         cloned=cloned,
     )
-
-
-def _worth_cloning(source: CheckpointSource, copied: list) -> bool:
-    """Whether the copied arrays hold most of the data the source's B-tree refers to.
-
-    Bytes the source's files hold but its B-tree does not refer to (left by rewrites) are
-    not counted: a clone carries them over exactly as ``cp -r`` would.
-    """
-    if source.location.local_path is None or not getattr(source, "use_ocdbt", False):
-        return False
-    contents = source.ocdbt_contents()  # type: ignore[attr-defined]
-    total = sum(contents.value_bytes.values())
-    prefixes = {source.array_key(path) + "/" for path in copied}  # type: ignore[attr-defined]
-    unused = total - contents.bytes_under(prefixes)
-    return unused <= CLONE_MAX_UNUSED_FRACTION * total

@@ -133,6 +133,7 @@ def write_item_metadata(
     custom_metadata: Any,
     init_timestamp_ns: int,
     destination: str,
+    use_ocdbt: bool = True,
 ) -> None:
     """Writes every metadata file of an item folder, ``commit_success.txt`` last.
 
@@ -144,6 +145,8 @@ def write_item_metadata(
         leaves: per path, ``key_types`` and ``value_type``; arrays also ``chunk``,
             ``sharding``, ``ext_metadata`` and optionally ``write_shape`` (default: ``chunk``).
         use_zarr3: recorded in ``_METADATA``.
+        use_ocdbt: recorded in ``_METADATA``: arrays in one OCDBT database, else one zarr
+            folder each.
         custom_metadata: recorded in ``_METADATA`` and ``_CHECKPOINT_METADATA``.
         init_timestamp_ns: when writing started.
         destination: the final path, named in ``commit_success.txt`` as Orbax does.
@@ -187,7 +190,7 @@ def write_item_metadata(
         tree[fmt.tree_key(path)] = {"key_metadata": key_metadata, "value_metadata": value_metadata}
     metadata = {
         "tree_metadata": tree,
-        "use_ocdbt": True,
+        "use_ocdbt": use_ocdbt,
         "use_zarr3": use_zarr3,
         "store_array_data_equal_to_fill_value": True,
         "custom_metadata": custom_metadata,

@@ -38,6 +38,10 @@ _OCDBT_CONFIG = {
     "manifest_kind": "single",
 }
 
+# Clone the source database only when at most this fraction of the data its B-tree refers to
+# would be left unreferenced in the output (data of source arrays that are decoded or dropped).
+CLONE_MAX_UNUSED_FRACTION = 0.1
+
 # A key range that holds exactly one key: the kvstore's own path (relative key b"").
 _ONE_KEY = ts.KvStore.KeyRange(b"", b"\x00")
 
@@ -45,6 +49,22 @@ _ONE_KEY = ts.KvStore.KeyRange(b"", b"\x00")
 def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
     """The range of every key that starts with ``prefix`` (which ends with '/')."""
     return ts.KvStore.KeyRange(prefix.encode(), prefix[:-1].encode() + b"0")
+
+
+def clone_pays(source: Any, paths: list[tuple[str, ...]]) -> bool:
+    """Whether cloning ``source``'s database pays for copying the arrays at ``paths``.
+
+    Only for a local OCDBT source, when those arrays hold all but at most
+    ``CLONE_MAX_UNUSED_FRACTION`` of the bytes its B-tree refers to (the rest would be carried
+    along unreferenced). Bytes its files hold that the B-tree does not refer to are not
+    counted: a clone carries them over exactly as ``cp -r`` would.
+    """
+    if not paths or source.location.local_path is None or not getattr(source, "use_ocdbt", False):
+        return False
+    contents = source.ocdbt_contents()
+    total = sum(contents.value_bytes.values())
+    unused = total - contents.bytes_under({source.array_key(p) + "/" for p in paths})
+    return unused <= CLONE_MAX_UNUSED_FRACTION * total
 
 
 class WriteStore:
@@ -57,6 +77,9 @@ class WriteStore:
         max_inflight_bytes: the size of one transaction, and the most bytes of value-copy
             reads in flight.
         where: how to name the checkpoint in errors.
+        use_ocdbt: write one OCDBT database (Orbax's default); ``False`` writes each array in
+            its own zarr folder of ``folder`` (Orbax's ``use_ocdbt=False``, which Pathways
+            needs), through the same transactions.
     """
 
     def __init__(
@@ -66,8 +89,10 @@ class WriteStore:
         target_data_file_size: int,
         max_inflight_bytes: int,
         where: str,
+        use_ocdbt: bool = True,
     ) -> None:
         self._folder = Location.parse(folder)
+        self.use_ocdbt = use_ocdbt
         self._target_data_file_size = target_data_file_size
         self._max_inflight_bytes = max_inflight_bytes
         self._where = where
@@ -104,6 +129,9 @@ class WriteStore:
     def _open(self, *, cloned: bool) -> None:
         self._context = self._folder.ts_context()
         base = self._folder.kvstore_spec()
+        if not self.use_ocdbt:
+            self._kvstore = ts.KvStore.open(base, context=self._context).result()
+            return
         data = dict(base)
         if self._folder.local_path is not None:
             # Data files are written once under fresh names: no need for atomic file writes.
@@ -131,7 +159,7 @@ class WriteStore:
         """
         src = reader.location
         dest = self._folder.local_path
-        if src.local_path is None or dest is None or not reader.use_ocdbt:
+        if src.local_path is None or dest is None or not reader.use_ocdbt or not self.use_ocdbt:
             return False
         # Files are copied unread: check first that none is missing or truncated.
         reader.check_data_files()

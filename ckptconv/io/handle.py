@@ -1,4 +1,9 @@
-"""A handle on one array being written slab by slab: see :meth:`CheckpointWriter.create`."""
+"""A handle on one array being written slab by slab: see :meth:`CheckpointWriter.create`.
+
+Every slab it writes is recorded exactly in a :class:`~ckptconv.io._coverage.Coverage`, so a
+commit refuses an array with any element never written (overlapping slabs count once,
+unaligned slabs are fine).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import numpy as np
 
 from ..errors import CheckpointWriteError
 from . import _format as fmt
+from ._coverage import Coverage
 from .leaf import KeyPath, keystr
 
 if TYPE_CHECKING:
@@ -26,6 +32,7 @@ class ArrayHandle:
         dtype: the canonical dtype name.
         chunk_shape: the stored chunk shape; slabs aligned to it are written without any
             read-modify-write of a chunk.
+        coverage: what has been written so far (exactly; see :class:`Coverage`).
     """
 
     def __init__(
@@ -41,9 +48,9 @@ class ArrayHandle:
         self.shape = shape
         self.dtype = dtype
         self.chunk_shape = chunk_shape
+        self.coverage = Coverage(shape, chunk_shape)
         self._writer = writer
         self._store = store
-        self._written = 0
 
     def __repr__(self) -> str:
         return f"ArrayHandle({keystr(self.path)}, shape={self.shape}, dtype={self.dtype})"
@@ -54,9 +61,20 @@ class ArrayHandle:
         return math.prod(self.shape)
 
     @property
-    def elements_written(self) -> int:
-        """Number of elements written so far (overlapping slabs count twice)."""
-        return self._written
+    def written_boxes(self) -> list[tuple[slice, ...]]:
+        """The boxes written so far (see :attr:`Coverage.boxes`)."""
+        return self.coverage.boxes
+
+    def unwritten(self) -> tuple[slice, ...] | None:
+        """The first region never written, as a tuple of slices, or ``None`` once complete.
+
+        Example:
+            >>> h = writer.create(("w",), (8,), "float32")
+            >>> h.write((slice(0, 4),), np.ones(4, np.float32))
+            >>> h.unwritten()
+            (slice(4, 8, None),)
+        """
+        return self.coverage.unwritten()
 
     def write(self, index: tuple[slice, ...] | None, array: Any) -> None:
         """Writes one slab of the array.
@@ -80,9 +98,11 @@ class ArrayHandle:
                 "(cast explicitly; the writer never converts silently)"
             )
         view = self._store
+        box = None
         if index is not None:
             try:
-                view = self._store[fmt.normalize_index(index, self.shape)]
+                box = fmt.normalize_index(index, self.shape)
+                view = self._store[box]
             except (IndexError, ValueError, TypeError) as e:
                 raise CheckpointWriteError(
                     f"{keystr(self.path)}: slab index {index!r} does not fit shape "
@@ -94,4 +114,4 @@ class ArrayHandle:
                 f"of shape {data.shape}"
             )
         self._writer._submit(self.path, view, data)
-        self._written += data.size
+        self.coverage.add(box)

@@ -2,30 +2,36 @@
 
 Each process writes its share of the arrays into its own OCDBT database,
 ``ocdbt.process_<i>/`` inside the checkpoint being written (:class:`ProcessStoreWriter`), and
-records which leaves it wrote in ``.ckptconv-leaves.process_<i>.json`` beside it. Once every
-process is done, one process (:class:`MergingWriter`, a :class:`CheckpointWriter` that made
-the temporary folder) joins those databases into the root ``manifest.ocdbt`` as Orbax's
+records which leaves it wrote, and exactly which regions of each array (its slabs, or the
+chunks it copied), in ``.ckptconv-leaves.process_<i>.json`` beside it. Once every process is
+done, one process (:class:`MergingWriter`, a :class:`CheckpointWriter` that made the temporary
+folder) joins those databases into the root ``manifest.ocdbt`` as Orbax's
 ``merge_ocdbt_per_process_files`` does at finalize: OCDBT copies every key range by reference,
-so only a new B-tree is written and the values stay in ``ocdbt.process_<i>/d/``. It then writes
-the metadata files and commits exactly as a single-process writer does (same commit protocol).
+so only a new B-tree is written and the values stay in ``ocdbt.process_<i>/d/``. It then checks
+that the processes' regions, joined, cover every array and that the merged database stores
+every chunk of each array's grid, writes the metadata files and commits exactly as a
+single-process writer does (same commit protocol).
 
-Several processes may write pieces of one array: each writes whole chunks only, never a chunk
-another process writes, and each writes the array's zarr metadata document, the same bytes
-every time, so whichever copy the merge keeps is right.
+Several processes may write pieces of one array, and each writes the array's zarr metadata
+document, the same bytes every time, so whichever copy the merge keeps is right. The merge
+keeps one process's copy of each chunk too, so a chunk that several processes write into must
+be written whole by each of them: the merging writer refuses a chunk one process wrote in part
+when another wrote into it as well.
 
 Nothing here coordinates processes: the caller (:mod:`ckptconv.convert.distributed`) makes
 sure every process has finished before :meth:`MergingWriter.merge` runs.
 
 Limits: both classes extend :class:`CheckpointWriter` through its internals (its commit
-protocol object, its store, its leaf records and validation); a change there must be mirrored
-here (``tests/io/test_multiprocess.py`` and ``tests/convert/test_distributed.py`` cover
-both). Every process must see the same folder (one host, or a filesystem or object store
-shared by all hosts).
+protocol object, its store, its leaf and coverage records and validation); a change there
+must be mirrored here (``tests/io/test_multiprocess.py`` and
+``tests/convert/test_distributed.py`` cover both). Every process must see the same folder (one
+host, or a filesystem or object store shared by all hosts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -37,6 +43,8 @@ import tensorstore as ts
 from ..errors import CheckpointWriteError, StorageError
 from . import _commit
 from . import _format as fmt
+from ._coverage import Coverage, describe_unwritten, format_region
+from ._permute import ChunkKeys
 from .leaf import KeyPath, keystr
 from .location import Location
 from .writer import CheckpointWriter
@@ -60,18 +68,35 @@ def _records_file(checkpoint: Location, process_id: int) -> Location:
     return checkpoint.join(f"{_RECORDS_PREFIX}{process_id}.json")
 
 
-def _dump_leaves(leaves: Mapping[KeyPath, Mapping[str, Any]]) -> bytes:
-    return json.dumps([[list(path), dict(leaf)] for path, leaf in leaves.items()]).encode()
+def _dump_records(
+    leaves: Mapping[KeyPath, Mapping[str, Any]], written: Mapping[KeyPath, Coverage]
+) -> bytes:
+    return json.dumps(
+        {
+            "leaves": [[list(path), dict(leaf)] for path, leaf in leaves.items()],
+            "written": [[list(path), c.to_json()] for path, c in written.items()],
+        }
+    ).encode()
 
 
-def _load_leaves(data: bytes) -> dict[KeyPath, dict[str, Any]]:
-    out = {}
-    for path, leaf in json.loads(data):
-        for name in _TUPLE_FIELDS:
-            if leaf.get(name) is not None:
-                leaf[name] = tuple(leaf[name])
-        out[tuple(path)] = leaf
-    return out
+def _load_records(data: bytes) -> tuple[dict[KeyPath, dict[str, Any]], dict[KeyPath, Coverage]]:
+    """Returns the leaves and the coverage of each array that one process recorded.
+
+    Raises:
+        ValueError: the record is malformed.
+    """
+    try:
+        records = json.loads(data)
+        leaves = {}
+        for path, leaf in records["leaves"]:
+            for name in _TUPLE_FIELDS:
+                if leaf.get(name) is not None:
+                    leaf[name] = tuple(leaf[name])
+            leaves[tuple(path)] = leaf
+        written = {tuple(path): Coverage.from_json(c) for path, c in records["written"]}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"malformed record: {fmt.one_line(e)}") from e
+    return leaves, written
 
 
 def _open_like_root(database: Location, context: ts.Context) -> ts.KvStore:
@@ -115,15 +140,30 @@ class _ProcessFolder(_commit.CommitProtocol):
 
 
 class _ChunkSubset:
-    """A store wrapper whose :meth:`copy` copies only some chunks of an array."""
+    """A store wrapper whose :meth:`copy` copies only some chunks of an array.
+
+    Attributes:
+        written: after :meth:`copy`, the output chunks it copied.
+    """
 
     def __init__(self, store: Any, chunks: Collection[str]) -> None:
         self._store = store
         self._chunks = chunks
+        self.written: Coverage | None = None
 
     def copy(self, key: str, plan: ArrayCopy, reader: CheckpointReader) -> None:
         keys = [(s, d) for s, d in plan.chunk_keys if s in self._chunks]
         self._store.copy(key, dataclasses.replace(plan, chunk_keys=keys), reader)
+        written = Coverage(plan.shape, plan.chunk_shape)
+        codec = ChunkKeys(plan.metadata, zarr3=plan.doc_name == "zarr.json")
+        indices = (codec.parse(d) for _, d in keys)
+        # Keys that are no chunk of the grid are copied under their own name but cover nothing.
+        written.add_chunks(
+            i
+            for i in indices
+            if i is not None and all(k < g for k, g in zip(i, written.grid, strict=True))
+        )
+        self.written = written
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -212,16 +252,23 @@ class ProcessStoreWriter(CheckpointWriter):
         self._check_open()
         store = self._store
         # The writer copies through self._store.copy(key, plan, reader): this filters its plan.
-        self._store = _ChunkSubset(store, frozenset(chunks))
+        subset = _ChunkSubset(store, frozenset(chunks))
+        self._store = subset
         try:
-            return super().copy_array(
+            shape = super().copy_array(
                 path, reader, source_path, random_key_impl=random_key_impl, **kwargs
             )
         finally:
             self._store = store
+        assert subset.written is not None
+        self._written[tuple(path)] = subset.written  # only these chunks, not the whole array
+        return shape
 
     def commit(self) -> Location:
-        """Makes this process's data durable and records its leaves for the merging writer.
+        """Makes this process's data durable and records what it wrote for the merging writer.
+
+        The record holds the leaves declared and, for every array, the regions written (see
+        :class:`~ckptconv.io._coverage.Coverage`): slabs as written, copied chunks by index.
 
         Returns:
             This process's database folder.
@@ -232,7 +279,7 @@ class ProcessStoreWriter(CheckpointWriter):
         super().commit()
         try:
             _records_file(self._checkpoint, self._process_id).write_bytes(
-                _dump_leaves(self._leaves)
+                _dump_records(self._leaves, self._written)
             )
         except (OSError, StorageError) as e:
             self._protocol.abort()
@@ -258,6 +305,8 @@ class MergingWriter(CheckpointWriter):
     """
 
     _expected: dict[KeyPath, tuple[int, ...]] | None = None
+    # For every array the processes wrote: (process id, what it wrote), in merge order.
+    _merged_written: dict[KeyPath, list[tuple[int, Coverage]]] | None = None
 
     @property
     def folder(self) -> Location:
@@ -279,21 +328,24 @@ class MergingWriter(CheckpointWriter):
 
         The keys of every ``ocdbt.process_<i>`` database are copied into the root database by
         reference (in the transaction that :meth:`commit` commits), and the leaves each process
-        recorded are declared here, as if this writer had written them.
+        recorded are declared here, as if this writer had written them. :meth:`commit` then
+        refuses any array with a region that no process wrote, a chunk that one process wrote
+        in part while another wrote into it, or a chunk of its grid missing from the merged
+        database.
 
         Args:
             process_ids: every process that wrote into :attr:`folder` (all of them, also those
                 that wrote nothing).
-            shapes: the shape of every array leaf; :meth:`commit` then checks that each array
-                has every chunk of its grid (so a piece no process wrote is an error, not
-                zeros).
+            shapes: the shape of every array leaf; :meth:`commit` then also checks that each
+                of them was written, in that shape.
 
         Returns:
             The merged leaf records, by path.
 
         Raises:
-            CheckpointWriteError: a process left no record, two processes recorded one leaf
-                differently, or a leaf is already declared here.
+            CheckpointWriteError: a process left no record or a malformed one, two processes
+                recorded one leaf differently (its metadata or its shape), or a leaf is
+                already declared here.
         """
         self._check_open()
         assert self._store is not None
@@ -302,13 +354,19 @@ class MergingWriter(CheckpointWriter):
         target = store.kvstore.with_transaction(store.transaction())
         merged: dict[KeyPath, dict[str, Any]] = {}
         owners: dict[KeyPath, int] = {}
+        written: dict[KeyPath, list[tuple[int, Coverage]]] = {}
         for i in process_ids:
             records = _records_file(folder, i)
             try:
-                leaves = _load_leaves(records.read_bytes())
+                leaves, coverages = _load_records(records.read_bytes())
             except FileNotFoundError as e:
                 raise CheckpointWriteError(
                     f"{folder}: process {i} left no record of what it wrote ({records.name})"
+                ) from e
+            except ValueError as e:
+                raise CheckpointWriteError(
+                    f"{folder}: the record process {i} left ({records.name}) is unreadable: "
+                    f"{fmt.one_line(e)}"
                 ) from e
             for path, leaf in leaves.items():
                 first = merged.setdefault(path, leaf)
@@ -318,6 +376,14 @@ class MergingWriter(CheckpointWriter):
                         f"{keystr(path)}: processes {owners[path]} and {i} recorded it "
                         f"differently: {first} and {leaf}"
                     )
+            for path, coverage in coverages.items():
+                entries = written.setdefault(path, [])
+                if entries and entries[0][1].shape != coverage.shape:
+                    raise CheckpointWriteError(
+                        f"{keystr(path)}: processes {entries[0][0]} and {i} wrote it with "
+                        f"shapes {entries[0][1].shape} and {coverage.shape}"
+                    )
+                entries.append((i, coverage))
             database = process_folder(folder, i)
             if leaves and database.join(fmt.OCDBT_MANIFEST_FILE).exists():
                 _open_like_root(database, store.context).experimental_copy_range_to(target).result()
@@ -327,34 +393,120 @@ class MergingWriter(CheckpointWriter):
             path, types = self._declare(path, leaf["key_types"])
             self._leaves[path] = {**leaf, "key_types": types}
             if leaf["value_type"] == "jax.Array":
+                if path not in written:
+                    raise CheckpointWriteError(
+                        f"{keystr(path)}: process {owners[path]} recorded the array but not "
+                        "what it wrote of it"
+                    )
                 self._keys[fmt.array_key(path)] = path
                 self._copied.add(path)
+        self._merged_written = written
         if shapes is not None:
             self._expected = {tuple(p): tuple(s) for p, s in shapes.items()}
         return merged
 
     def _validate(self) -> None:
         super()._validate()
-        if not self._expected:
-            return
-        assert self._store is not None
-        # Every key of an array lies under its '.'-joined name: the zarr metadata document and
-        # one key per chunk.
-        chunks: dict[str, int] = {}
-        for key in self._store.kvstore.list().result():
-            name, _, rest = key.decode(errors="replace").partition("/")
-            if rest not in (".zarray", "zarr.json"):
-                chunks[name] = chunks.get(name, 0) + 1
-        for path, shape in self._expected.items():
+        written = self._merged_written or {}
+        for path, shape in (self._expected or {}).items():
             leaf = self._leaves.get(path)
             if leaf is None or leaf["value_type"] != "jax.Array":
                 raise CheckpointWriteError(
                     f"{keystr(path)}: expected an array, found that no process wrote it"
                 )
-            grid = math.prod(math.ceil(d / c) for d, c in zip(shape, leaf["chunk"], strict=True))
-            found = chunks.get(fmt.array_key(path), 0)
-            if found < grid:
+            entries = written.get(path)
+            if entries and entries[0][1].shape != shape:
                 raise CheckpointWriteError(
-                    f"{keystr(path)}: expected {grid} chunks of shape {leaf['chunk']} written "
-                    f"by the processes, found {found}"
+                    f"{keystr(path)}: expected shape {shape}, found the processes wrote shape "
+                    f"{entries[0][1].shape}"
                 )
+        for path, entries in written.items():
+            _check_joined(path, entries)
+        self._check_stored(written)
+
+    def _check_stored(self, written: Mapping[KeyPath, list[tuple[int, Coverage]]]) -> None:
+        """Checks that the merged database stores every chunk of each array the processes wrote.
+
+        The processes' records say what they wrote; this checks what the merge holds, by
+        distinct chunk index on the grid (keys that are no chunk of the grid count for none).
+        """
+        if not written:
+            return
+        assert self._store is not None
+        kvstore = self._store.kvstore
+        # Every key of an array lies under its '.'-joined name: the zarr metadata document and
+        # one key per chunk.
+        stored: dict[str, list[str]] = {}
+        for key in kvstore.list().result():
+            name, _, rest = key.decode(errors="replace").partition("/")
+            stored.setdefault(name, []).append(rest)
+        docs = {
+            path: kvstore.read(fmt.zarr_metadata_key(path, self._use_zarr3))
+            for path, entries in written.items()
+            if all(entries[0][1].grid)
+        }
+        for path, future in docs.items():
+            grid = written[path][0][1].grid
+            try:
+                result = future.result()
+                doc = json.loads(result.value) if result.state == "value" else None
+            except Exception as e:
+                raise CheckpointWriteError(
+                    f"{keystr(path)}: cannot read its zarr metadata from the merged database: "
+                    f"{fmt.one_line(e)}"
+                ) from e
+            if not isinstance(doc, dict) or "shape" not in doc:
+                raise CheckpointWriteError(
+                    f"{keystr(path)}: expected its zarr metadata in the merged database, found none"
+                )
+            codec = ChunkKeys(doc, zarr3=self._use_zarr3)
+            found = set()
+            for rest in stored.get(fmt.array_key(path), ()):
+                index = codec.parse(rest)
+                if index is not None and all(k < g for k, g in zip(index, grid, strict=True)):
+                    found.add(index)
+            total = math.prod(grid)
+            if len(found) < total:
+                missing = next(
+                    i for i in itertools.product(*(range(g) for g in grid)) if i not in found
+                )
+                chunk = written[path][0][1].chunk_shape
+                shape = written[path][0][1].shape
+                region = tuple(
+                    slice(k * c, min((k + 1) * c, d))
+                    for k, c, d in zip(missing, chunk, shape, strict=True)
+                )
+                raise CheckpointWriteError(
+                    f"{keystr(path)}: expected all {total} chunks of its grid {grid} in the "
+                    f"merged database, found {len(found)}: chunk {format_region(region)} is "
+                    "missing"
+                )
+
+
+def _check_joined(path: KeyPath, entries: list[tuple[int, Coverage]]) -> None:
+    """Checks that the processes' writes into one array cover it, sharing whole chunks only.
+
+    Raises:
+        CheckpointWriteError: a region no process wrote, or a chunk that one process wrote in
+            part while another wrote into it (the merge keeps one process's copy of a chunk).
+    """
+    first = entries[0][1]
+    joined = Coverage(first.shape, first.chunk_shape)
+    for _, coverage in entries:
+        joined.include(coverage)
+    region = joined.unwritten()
+    ids = ", ".join(str(i) for i, _ in entries)
+    if region is not None:
+        raise CheckpointWriteError(
+            f"{keystr(path)}: {describe_unwritten(joined.shape, region)} (written by "
+            f"process{'es' if len(entries) > 1 else ''} {ids})"
+        )
+    for i, coverage in entries:
+        # The joined writes cover this chunk, so another process wrote the rest of it.
+        chunk = coverage.partial_chunk()
+        if chunk is not None:
+            raise CheckpointWriteError(
+                f"{keystr(path)}: process {i} wrote chunk {format_region(chunk)} in part and "
+                "another process wrote into it too; expected each process to write whole "
+                "chunks where they share one (the merge keeps one process's copy of a chunk)"
+            )

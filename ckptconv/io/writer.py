@@ -1,37 +1,29 @@
-"""Streamed, atomic writing of Orbax OCDBT checkpoints that plain Orbax restores.
+"""Streamed, atomic writing of Orbax checkpoints that plain Orbax restores.
 
-:class:`CheckpointWriter` writes arrays one slab at a time and publishes the checkpoint only
-once everything (data, then ``_METADATA``, ``_sharding``, ``_CHECKPOINT_METADATA``, then
-``commit_success.txt``) is stored: on a local disk by renaming a temporary sibling folder into
-place, on an object store (``s3://``, ``gs://``, ``memory://``) by writing in place with
-``commit_success.txt`` last (see :mod:`ckptconv.io._commit`). Memory stays
-bounded: chunks are at most ``chunk_bytes`` (64 MiB by default) and writes are committed to
-disk in TensorStore transactions of about ``max_inflight_bytes``, each in the background while
-the next one fills (so about twice that is held at most).
+:class:`CheckpointWriter` writes arrays one slab at a time, into one OCDBT database (Orbax's
+default) or one zarr folder per array (``use_ocdbt=False``, as Pathways needs), and publishes
+the checkpoint only once everything (data, then ``_METADATA``, ``_sharding``,
+``_CHECKPOINT_METADATA``, then ``commit_success.txt``) is stored: on a local disk by renaming a
+temporary sibling folder into place, on an object store by writing in place with
+``commit_success.txt`` last (see :mod:`ckptconv.io._commit`). Memory stays bounded: chunks are
+at most ``chunk_bytes`` and writes are committed in TensorStore transactions of about
+``max_inflight_bytes``, each in the background while the next one fills.
 
-Arrays that only change name or axis order can be copied without decoding
+Arrays that only change name or axis order are copied without decoding
 (:meth:`CheckpointWriter.copy_array`): their encoded chunks are reused and the axis order is
-expressed in the zarr metadata. The bytes get there in one of two ways:
+expressed in the zarr metadata. Either the source's OCDBT files are first cloned in the kernel
+(:meth:`CheckpointWriter.clone_for`, when most of the source is copied) and keys renamed by
+reference, or each chunk's stored bytes are read and written under the new key.
 
-- :meth:`CheckpointWriter.clone_from` first copies the source's OCDBT database files into the
-  new checkpoint (in the kernel, like ``cp``); keys are then renamed inside that database by
-  reference, and no value is read or rewritten. Data of source arrays that are not copied
-  stays in those files, unreferenced, so this pays only when most of the source is copied.
-- otherwise each chunk's stored bytes are read from the source and written under the new key,
-  with reads in flight bounded by ``max_inflight_bytes``.
+The OCDBT layout is ``ocp.StandardCheckpointer``'s (zarr2) and MaxText's (zarr3) on one host,
+except that the store is written at the item root instead of ``ocdbt.process_0/`` plus a
+merge; Orbax reads both through the root ``manifest.ocdbt``.
 
-The layout is the one ``ocp.StandardCheckpointer`` (zarr2) and MaxText (zarr3) produce on one
-host, with one difference: the OCDBT store is written directly at the item root instead of in
-``ocdbt.process_0/`` followed by a merge; Orbax reads both through the root ``manifest.ocdbt``.
-A cloned checkpoint keeps the source's files, ``ocdbt.process_<n>/d/`` included.
-
-Limits: one writer per destination; not thread-safe. Replacing an existing local destination
-(``force=True``) takes two renames, so a crash between them leaves the old checkpoint under
-``.<name>.ckptconv-old-<hex>`` and no destination; on an object store ``force`` deletes the old
-checkpoint before writing. :meth:`CheckpointWriter.clone_from` copies local files, so it
-clones only from a local source into a local destination.
-A zarr3 array copied with its axes permuted carries a ``transpose`` codec: TensorStore, hence
-Orbax, reads it; a reader implementing only part of zarr v3 may not.
+Limits: one writer per destination; not thread-safe. Replacing a local destination
+(``force=True``) takes two renames; a crash between them leaves the old checkpoint under
+``.<name>.ckptconv-old-<hex>``. On an object store ``force`` deletes the old checkpoint before
+writing. A zarr3 array copied with its axes permuted carries a ``transpose`` codec: TensorStore,
+hence Orbax, reads it; a reader implementing only part of zarr v3 may not.
 """
 
 from __future__ import annotations
@@ -39,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,7 +42,8 @@ from . import _commit
 from . import _format as fmt
 from . import _orbax_metadata as orbax_metadata
 from ._copy import plan_copy
-from ._store import WriteStore
+from ._coverage import Coverage, describe_unwritten
+from ._store import WriteStore, clone_pays
 from ._zarr import array_spec, choose_chunk_shape
 from .handle import ArrayHandle
 from .leaf import KeyPath, keystr
@@ -58,6 +51,10 @@ from .location import Location
 
 if TYPE_CHECKING:
     from .reader import CheckpointReader
+    from .sources.base import CheckpointSource
+
+# The largest share of a source's referenced bytes that :meth:`CheckpointWriter.clone_for`
+# lets a clone carry along unreferenced (data of source arrays that are not copied).
 
 
 class CheckpointWriter:
@@ -87,6 +84,7 @@ class CheckpointWriter:
         target_data_file_size: the OCDBT target size of one data file, in bytes.
         max_inflight_bytes: how many bytes of written slabs TensorStore may hold in memory
             before they are committed to disk.
+        use_ocdbt: store arrays in one OCDBT database; ``False``: one zarr folder per array.
 
     Raises:
         DestinationExistsError: the destination exists and ``force`` is false.
@@ -104,6 +102,7 @@ class CheckpointWriter:
         chunk_bytes: int = 64 << 20,
         target_data_file_size: int = 64 << 20,
         max_inflight_bytes: int = 64 << 20,
+        use_ocdbt: bool = True,
     ) -> None:
         dest = Location.parse(location)
         try:
@@ -115,6 +114,7 @@ class CheckpointWriter:
         self._dest = dest
         self._force = force
         self._use_zarr3 = use_zarr3
+        self._use_ocdbt = use_ocdbt
         self._custom_metadata = custom_metadata
         self._chunk_bytes = chunk_bytes
         self._target_data_file_size = target_data_file_size
@@ -129,6 +129,8 @@ class CheckpointWriter:
         self._keys: dict[str, KeyPath] = {}
         self._handles: dict[KeyPath, ArrayHandle] = {}
         self._copied: set[KeyPath] = set()
+        # What was written of every array this writer wrote or copied.
+        self._written: dict[KeyPath, Coverage] = {}
 
     def __repr__(self) -> str:
         return f"CheckpointWriter({str(self._dest)!r}, state={self._state})"
@@ -224,6 +226,7 @@ class CheckpointWriter:
         }
         self._keys[key] = path
         self._handles[path] = handle
+        self._written[path] = handle.coverage
         return handle
 
     def write(
@@ -330,6 +333,29 @@ class CheckpointWriter:
                 f"failed: {fmt.one_line(e)}"
             ) from e
 
+    def clone_for(self, source: CheckpointSource, source_paths: Iterable[KeyPath]) -> bool:
+        """Clones ``source``'s database (:meth:`clone_from`) when copying ``source_paths`` pays.
+
+        It pays for a local OCDBT source whose arrays at ``source_paths`` (those
+        :meth:`copy_array` will copy) hold nearly all the bytes its B-tree refers to (see
+        :func:`~ckptconv.io._store.clone_pays`).
+
+        Example:
+            >>> with CheckpointWriter("nnx_ckpt") as w:
+            ...     w.clone_for(open_source("linen_ckpt"), [("params", "w")])
+            True
+
+        Returns:
+            Whether it cloned.
+
+        Raises:
+            CheckpointWriteError: something was already written, or copying failed.
+            CheckpointFormatError: the source's B-tree cannot be walked or a data file is
+                damaged.
+        """
+        paths = [tuple(p) for p in source_paths]
+        return self._use_ocdbt and clone_pays(source, paths) and self.clone_from(source)  # type: ignore[arg-type]
+
     def can_copy(
         self, reader: CheckpointReader, path: KeyPath, axes: Sequence[int] | None = None
     ) -> bool:
@@ -421,6 +447,10 @@ class CheckpointWriter:
         }
         self._keys[key] = path
         self._copied.add(path)
+        # plan_copy found every chunk of the grid stored, and all of them were copied.
+        coverage = Coverage(plan.shape, plan.chunk_shape)
+        coverage.add_all()
+        self._written[path] = coverage
         return plan.shape
 
     def commit(self) -> Location:
@@ -436,8 +466,9 @@ class CheckpointWriter:
             The destination.
 
         Raises:
-            CheckpointWriteError: an array is not fully written, the tree is inconsistent, or
-                there is no array. The temporary folder is removed.
+            CheckpointWriteError: an array has a region no slab wrote (the message names the
+                first one; overlapping slabs count once), the tree is inconsistent, or there
+                is no array. The temporary folder is removed.
             DestinationExistsError: the destination appeared meanwhile and ``force`` is false.
         """
         self._start()
@@ -455,6 +486,7 @@ class CheckpointWriter:
                     custom_metadata=self._custom_metadata,
                     init_timestamp_ns=self._init_ns,
                     destination=str(self._dest),
+                    use_ocdbt=self._use_ocdbt,
                 )
             )
             self._work = None
@@ -491,12 +523,22 @@ class CheckpointWriter:
         self._work = self._protocol.start()
         self._state = "open"
         self._init_ns = time.time_ns()
-        self._store = WriteStore(
-            self._work,
-            target_data_file_size=self._target_data_file_size,
-            max_inflight_bytes=self._max_inflight_bytes,
-            where=str(self._dest),
-        )
+        try:
+            self._store = WriteStore(
+                self._work,
+                target_data_file_size=self._target_data_file_size,
+                max_inflight_bytes=self._max_inflight_bytes,
+                where=str(self._dest),
+                use_ocdbt=self._use_ocdbt,
+            )
+        except BaseException as e:
+            work = self._work
+            self.abort()  # removes the temporary folder the protocol made
+            if isinstance(e, CkptconvError) or not isinstance(e, Exception):
+                raise
+            raise CheckpointWriteError(
+                f"{self._dest}: cannot open the OCDBT store in {work}: {fmt.one_line(e)}"
+            ) from e
 
     def _declare(
         self, path: KeyPath, key_types: Sequence[int] | None
@@ -548,10 +590,10 @@ class CheckpointWriter:
                 f"{self._dest}: expected at least one array, found "
                 f"{len(self._leaves)} empty leaves and no array"
             )
-        for handle in self._handles.values():
-            if handle.elements_written < handle.size:
+        for path, coverage in self._written.items():
+            region = coverage.unwritten()
+            if region is not None:
                 raise CheckpointWriteError(
-                    f"{keystr(handle.path)}: expected all {handle.size} elements of shape "
-                    f"{handle.shape} written, found {handle.elements_written}"
+                    f"{keystr(path)}: {describe_unwritten(coverage.shape, region)}"
                 )
         orbax_metadata.check_tree({p: leaf["key_types"] for p, leaf in self._leaves.items()})

@@ -15,7 +15,7 @@ from ckptconv.io import CheckpointReader, CheckpointWriter
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
 
-run_module = sys.modules["ckptconv.convert.run"]
+store_module = sys.modules["ckptconv.io._store"]
 
 E, L, M, V = 8, 3, 12, 10
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "int8": np.int8}
@@ -136,7 +136,7 @@ def test_fast_output_restores_with_plain_orbax(tmp_path):
 def test_value_copies_when_cloning_does_not_pay(tmp_path, monkeypatch):
     src = tmp_path / "linen"
     build_linen(src, zarr3=True, dtype="bfloat16", multi_chunk=True)
-    monkeypatch.setattr(run_module, "CLONE_MAX_UNUSED_FRACTION", -1.0)
+    monkeypatch.setattr(store_module, "CLONE_MAX_UNUSED_FRACTION", -1.0)
     fast = convert(src, tmp_path / "fast")
     assert fast.copied_leaves > 0 and not fast.cloned
     convert(src, tmp_path / "slow", fast=False)

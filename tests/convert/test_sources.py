@@ -164,3 +164,50 @@ def test_a_folder_holding_two_formats_is_refused(msgpack_ckpt, tmp_path):
         open_source(folder)
     assert "msgpack" in str(info.value) and "orbax" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("use_zarr3", [False, True], ids=["zarr2", "zarr3"])
+def test_zarr_folder_output_restores_with_plain_orbax(tmp_path, use_zarr3):
+    state = trained_state(2)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=use_zarr3))
+    ckptr.save(tmp_path / "plain", state)
+    result = ckptconv.convert(tmp_path / "plain", tmp_path / "nnx", output_format="zarr")
+    out = tmp_path / "nnx"
+    assert not (out / "manifest.ocdbt").exists()
+    assert (out / "model.Dense_0.kernel.value").is_dir()
+    assert open_source(out).format_name == "zarr"
+    # renames only: every array's chunk files were copied as stored; only the step is decoded
+    # (int32 -> uint32, as nnx.Optimizer holds it)
+    arrays = [o for o in result.plan.leaves if o.expr is not None]
+    assert result.copied_leaves == len(arrays) - 1
+    src_chunk = tmp_path / "plain" / "params.Dense_0.kernel"
+    out_chunk = out / "model.Dense_0.kernel.value"
+    name = "c/0/0" if use_zarr3 else "0.0"
+    assert (src_chunk / name).read_bytes() == (out_chunk / name).read_bytes()
+    assert ckptconv.compare(tmp_path / "plain", out).bit_exact
+    restored = ocp.PyTreeCheckpointer().restore(str(out))
+    np.testing.assert_array_equal(
+        np.asarray(restored["model"]["Dense_1"]["kernel"]["value"]),
+        np.asarray(state.params["Dense_1"]["kernel"]),
+    )
+    ckptconv.convert(out, tmp_path / "back", direction="nnx-to-linen", output_format="zarr")
+    assert ckptconv.compare(tmp_path / "plain", tmp_path / "back").bit_exact
+
+
+def test_zarr_folder_output_from_ocdbt_moves_the_scan_axis(maxtext_fixtures, tmp_path):
+    src = maxtext_fixtures / "A" / "ckpt"
+    ckptconv.convert(src, tmp_path / "nnx", output_format="zarr")
+    assert not (tmp_path / "nnx" / "manifest.ocdbt").exists()
+    assert ckptconv.compare(src, tmp_path / "nnx").bit_exact
+    restored = ocp.PyTreeCheckpointer().restore(str(tmp_path / "nnx"))
+    kernel = restored["model"]["decoder"]["layers"]["mlp"]["wi_0"]["kernel"]["value"]
+    assert kernel.shape == (2, 64, 128)  # layer axis moved to 0 (stored (64, 2, 128))
+
+
+def test_unknown_output_format_is_refused(msgpack_ckpt, tmp_path):
+    from ckptconv.errors import PlanError
+
+    folder, _ = msgpack_ckpt
+    with pytest.raises(PlanError, match="--format tiledb"):
+        ckptconv.convert(folder, tmp_path / "out", output_format="tiledb")
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 
 from ckptconv.errors import CheckpointWriteError
 from ckptconv.io import CheckpointReader, CheckpointWriter
@@ -49,7 +50,11 @@ def test_merged_processes_restore_with_orbax(tmp_path, use_zarr3):
 
 def test_a_piece_no_process_wrote_is_an_error(tmp_path):
     dst = tmp_path / "out"
-    with pytest.raises(CheckpointWriteError, match=r"expected 2 chunks .* found 1"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"^params/w: expected every element of shape \(64, 256\) written, found region "
+        r"\[32:64, 0:256\] unwritten \(written by processes 0, 1\)$",
+    ):
         with MergingWriter(dst) as merging:
             write_halves(merging.folder.local_path, skip_second=True)
             merging.merge([0, 1], shapes={W: ROWS.shape, ("step",): ()})
@@ -77,3 +82,88 @@ def test_copy_of_some_chunks(tmp_path):
                 w.copy_array(("model", "w"), reader, W, axes=(1, 0), chunks={key})
         merging.merge([0, 1], shapes={("model", "w"): (256, 64)})
     np.testing.assert_array_equal(CheckpointReader(dst).read(("model", "w")), ROWS.T)
+
+
+def write_rows(folder, shares, *, chunk_rows=8) -> None:
+    """Process i writes rows ``shares[i]`` (a (start, stop) pair, or several) of W."""
+    for i, rows in enumerate(shares):
+        with ProcessStoreWriter(folder, i) as w:
+            h = w.create(W, ROWS.shape, "float32", chunk_shape=(chunk_rows, 256))
+            for start, stop in [rows] if isinstance(rows[0], int) else rows:
+                h.write((slice(start, stop),), ROWS[start:stop])
+
+
+def test_shares_that_leave_a_gap_are_refused(tmp_path):
+    dst = tmp_path / "out"
+    with pytest.raises(CheckpointWriteError, match=r"found region \[32:40, 0:256\] unwritten"):
+        with MergingWriter(dst) as merging:
+            write_rows(merging.folder.local_path, [(0, 32), (40, 64)])
+            merging.merge([0, 1], shapes={W: ROWS.shape})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overlapping_shares_of_whole_chunks_commit(tmp_path):
+    dst = tmp_path / "out"
+    with MergingWriter(dst) as merging:
+        # Rows 24..39 (two chunks) are written by both, whole.
+        write_rows(merging.folder.local_path, [(0, 40), [(24, 40), (40, 64)]])
+        merging.merge([0, 1], shapes={W: ROWS.shape})
+    np.testing.assert_array_equal(CheckpointReader(dst).read(W), ROWS)
+
+
+def test_a_chunk_shared_in_part_is_refused(tmp_path):
+    # Together the shares cover W, but the merge would keep only one process's copy of rows
+    # 32..63, with the other process's rows missing from it.
+    dst = tmp_path / "out"
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"process 0 wrote chunk \[32:64, 0:256\] in part and another process wrote",
+    ):
+        with MergingWriter(dst) as merging:
+            write_rows(merging.folder.local_path, [(0, 40), (36, 64)], chunk_rows=32)
+            merging.merge([0, 1], shapes={W: ROWS.shape})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recorded_shape_must_be_the_expected_one(tmp_path):
+    with pytest.raises(CheckpointWriteError, match=r"expected shape \(64, 128\), found"):
+        with MergingWriter(tmp_path / "out") as merging:
+            write_rows(merging.folder.local_path, [(0, 64)])
+            merging.merge([0], shapes={W: (64, 128)})
+
+
+def test_stored_chunks_are_counted_by_index_on_the_grid(tmp_path):
+    """Data lost from a process's database is found, and stray keys do not stand in for it."""
+    dst = tmp_path / "out"
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"expected all 2 chunks of its grid \(2, 1\) in the merged database, found 1: "
+        r"chunk \[32:64, 0:256\] is missing",
+    ):
+        with MergingWriter(dst) as merging:
+            folder = merging.folder.local_path
+            write_halves(folder)
+            stray = ts.KvStore.open(
+                {"driver": "ocdbt", "base": f"file://{folder}/ocdbt.process_0/"}
+            ).result()
+            for key in ("params.w/c/5/0", "params.w/c/0", "params.w/extra"):
+                stray.write(key, b"x").result()
+            (folder / "ocdbt.process_1" / "manifest.ocdbt").unlink()
+            merging.merge([0, 1], shapes={W: ROWS.shape, ("step",): ()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_copied_chunks_that_leave_a_gap_are_refused(tmp_path):
+    src = tmp_path / "src"
+    with CheckpointWriter(src, chunk_bytes=32 * 256 * 4) as w:
+        w.write(W, ROWS)
+    reader = CheckpointReader(src)
+    keys = reader.chunk_keys(W)
+    dst = tmp_path / "out"
+    with pytest.raises(CheckpointWriteError, match=r"region \[0:256, 32:64\] unwritten"):
+        with MergingWriter(dst) as merging:
+            for i, chunks in enumerate([{keys[0]}, set()]):
+                with ProcessStoreWriter(merging.folder, i) as w:
+                    w.copy_array(("model", "w"), reader, W, axes=(1, 0), chunks=chunks)
+            merging.merge([0, 1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

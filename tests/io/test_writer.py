@@ -22,7 +22,11 @@ from ckptconv.errors import (
     IncompleteCheckpointError,
 )
 from ckptconv.io import CheckpointReader, CheckpointWriter, Leaf
+from ckptconv.io import _store as store_module
+from ckptconv.io import writer as writer_module
+from ckptconv.io._coverage import Coverage
 from ckptconv.io._zarr import choose_chunk_shape
+from ckptconv.io.sources import open_source
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided:UserWarning")
 
@@ -247,7 +251,11 @@ def test_streamed_slabs_across_chunks(use_zarr3, tmp_path):
             buffer[: stop - start] = full[start:stop]
             handle.write((slice(start, stop),), buffer[: stop - start])
             buffer[:] = -1  # the writer copied the slab already
-        assert handle.elements_written == full.size
+        assert handle.unwritten() is None
+        covered = np.zeros(full.shape, bool)
+        for box in handle.written_boxes:
+            covered[box] = True
+        assert covered.all()
     reader = CheckpointReader(tmp_path / "out")
     _assert_same(full, reader.read(("big",)))
     _assert_same(full, ocp.PyTreeCheckpointer().restore(str(tmp_path / "out"))["big"])
@@ -410,7 +418,168 @@ def test_partly_written_array_is_refused(tmp_path):
     def action(w):
         w.create(("a",), (4, 2), np.float32).write((slice(0, 2),), np.ones((2, 2), np.float32))
 
-    _fails(tmp_path, action, "expected all 8 elements")
+    _fails(
+        tmp_path,
+        action,
+        r"^a: expected every element of shape \(4, 2\) written, found region \[2:4, 0:2\] "
+        "unwritten$",
+    )
+
+
+def test_overlapping_slabs_count_once(tmp_path):
+    def twice(w):
+        h = w.create(("a",), (8,), np.float32)
+        h.write((slice(0, 4),), np.ones(4, np.float32))
+        h.write((slice(0, 4),), np.ones(4, np.float32))
+        assert h.unwritten() == (slice(4, 8),)
+
+    _fails(
+        tmp_path,
+        twice,
+        r"^a: expected every element of shape \(8,\) written, found region \[4:8\] unwritten$",
+    )
+
+
+@pytest.mark.parametrize("chunk_shape", [None, (4, 3), (3, 7), (1, 1)])
+def test_unaligned_overlapping_slabs_that_cover_commit(tmp_path, chunk_shape):
+    full = np.arange(10 * 7, dtype=np.int32).reshape(10, 7)
+    slabs = [
+        (slice(0, 5), slice(0, 4)),
+        (slice(3, 10), slice(0, 7)),
+        (slice(0, 5), slice(2, 7)),
+        (slice(1, 2), slice(1, 6)),  # inside the others
+    ]
+    with CheckpointWriter(tmp_path / "out") as writer:
+        h = writer.create(("a",), full.shape, np.int32, chunk_shape=chunk_shape)
+        for index in slabs[:2]:
+            h.write(index, full[index])
+        assert h.unwritten() == (slice(0, 3), slice(4, 7))
+        for index in slabs[2:]:
+            h.write(index, full[index])
+        assert h.unwritten() is None
+    _assert_same(full, CheckpointReader(tmp_path / "out").read(("a",)))
+
+
+@pytest.mark.parametrize("chunk_shape", [None, (2, 3, 4), (1, 1, 1), (3, 4, 3)])
+def test_a_missing_corner_is_named(tmp_path, chunk_shape):
+    full = np.arange(4 * 6 * 4, dtype=np.float32).reshape(4, 6, 4)
+
+    def action(w):
+        h = w.create(("x", "w"), full.shape, np.float32, chunk_shape=chunk_shape)
+        for index in [
+            (slice(0, 2),),
+            (slice(2, 4), slice(0, 3)),
+            (slice(2, 4), slice(3, 6), slice(0, 2)),
+        ]:
+            h.write(index, full[index])
+
+    _fails(tmp_path, action, r"^x/w: .* shape \(4, 6, 4\) .* region \[2:4, 3:6, 2:4\] unwritten$")
+
+
+def test_scalars_must_be_written(tmp_path):
+    _fails(
+        tmp_path,
+        lambda w: w.create(("s",), (), np.int32),
+        r"^s: expected every element of shape \(\) written, found region \[\(\)\] unwritten$",
+    )
+    with CheckpointWriter(tmp_path / "ok") as writer:
+        h = writer.create(("s",), (), np.int32)
+        assert h.unwritten() == ()
+        h.write((), np.int32(5))
+        assert h.unwritten() is None
+    assert int(CheckpointReader(tmp_path / "ok").read(("s",))) == 5
+
+
+def test_zero_size_arrays_need_no_write(tmp_path):
+    with CheckpointWriter(tmp_path / "out") as writer:
+        writer.write(("a",), np.ones(2, np.float32))
+        h = writer.create(("empty",), (0, 3), np.float32)
+        assert h.unwritten() is None
+        h.write((slice(0, 0),), np.ones((0, 3), np.float32))
+    assert CheckpointReader(tmp_path / "out").leaves()[("empty",)].shape == (0, 3)
+    # An empty slab of a non-empty array writes nothing.
+    (tmp_path / "b").mkdir()
+    _fails(
+        tmp_path / "b",
+        lambda w: w.create(("b",), (2, 3), np.float32).write(
+            (slice(1, 1),), np.ones((0, 3), np.float32)
+        ),
+        r"region \[0:2, 0:3\] unwritten",
+    )
+
+
+def _brute_force(shape, slabs):
+    mask = np.zeros(shape, bool)
+    for index in slabs:
+        mask[index] = True
+    return mask
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(data=st.data())
+def test_coverage_is_exact(data):
+    ndim = data.draw(st.integers(0, 3))
+    shape = tuple(data.draw(st.lists(st.integers(0, 9), min_size=ndim, max_size=ndim)))
+    chunk = tuple(data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    slabs = []
+    for _ in range(data.draw(st.integers(0, 6))):
+        index = []
+        for d in shape:
+            a, b = sorted(data.draw(st.lists(st.integers(0, d), min_size=2, max_size=2)))
+            index.append(slice(a, b))
+        slabs.append(tuple(index))
+    coverage = Coverage(shape, chunk)
+    for index in slabs:
+        coverage.add(index)
+    coverage = Coverage.from_json(json.loads(json.dumps(coverage.to_json())))
+    mask = _brute_force(shape, slabs)
+    region = coverage.unwritten()
+    if mask.all():
+        assert region is None
+    else:
+        assert region is not None and mask[region].size > 0 and not mask[region].any()
+    np.testing.assert_array_equal(_brute_force(shape, coverage.boxes), mask)
+    # A chunk written in part: touched by some slab and not covered.
+    partial = coverage.partial_chunk()
+    grid = coverage.grid
+    expected = None
+    for cell in np.ndindex(*grid) if all(grid) else ():
+        box = tuple(
+            slice(i * c, min((i + 1) * c, d)) for i, c, d in zip(cell, chunk, shape, strict=True)
+        )
+        touched = any(
+            all(
+                max(s.start, b.start) < min(s.stop, b.stop) for s, b in zip(box, index, strict=True)
+            )
+            for index in slabs
+        )
+        if touched and not mask[box].all():
+            expected = box
+            break
+    assert partial == expected
+
+
+def test_a_stream_of_chunks_stays_one_box():
+    coverage = Coverage((300, 40, 6), (3, 4, 6))
+    for i in range(100):
+        for j in range(10):
+            coverage.add((slice(3 * i, 3 * i + 3), slice(4 * j, 4 * j + 4), slice(0, 6)))
+            if (i, j) == (50, 4):
+                assert coverage.unwritten() == (slice(150, 300), slice(20, 40), slice(0, 6))
+    assert coverage.boxes == [(slice(0, 300), slice(0, 40), slice(0, 6))]
+    assert coverage.unwritten() is None
+
+
+def test_chunks_in_any_order_are_checked_on_the_grid():
+    coverage = Coverage((64, 64), (2, 2))
+    cells = [(i, j) for i in range(32) for j in range(32) if (i, j) != (17, 5)]
+    np.random.default_rng(0).shuffle(cells)
+    coverage.add_chunks(cells)
+    assert coverage.unwritten() == (slice(34, 36), slice(10, 12))
+    coverage.add_chunks([(17, 5)])
+    assert coverage.unwritten() is None
+    with pytest.raises(ValueError, match="not on the chunk grid"):
+        coverage.add_chunks([(32, 0)])
 
 
 def test_dtype_and_shape_mismatch(tmp_path):
@@ -485,3 +654,68 @@ def test_writer_is_single_use(tmp_path):
     assert writer.commit() == writer.location
     with pytest.raises(CheckpointWriteError, match="committed"):
         writer.write(("b",), np.ones(1, np.float32))
+
+
+def test_a_store_that_cannot_be_opened_leaves_nothing(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("FAILED_PRECONDITION: cannot open\nsecond line")
+
+    monkeypatch.setattr(writer_module, "WriteStore", refuse)
+    dest = tmp_path / "out"
+    with pytest.raises(CheckpointWriteError, match=r"^.*out: cannot open the OCDBT store") as e:
+        with CheckpointWriter(dest) as writer:
+            writer.write(("a",), np.ones(1, np.float32))
+    assert "\n" not in str(e.value) and str(dest) in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    writer = CheckpointWriter(dest)
+    with pytest.raises(CheckpointWriteError, match="cannot open the OCDBT store"):
+        writer.write(("a",), np.ones(1, np.float32))
+    with pytest.raises(CheckpointWriteError, match="aborted"):
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- cloning when it pays ----------------------------------------------------------------------
+
+
+def _clone_source(tmp_path):
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal(2000).astype(np.float32)  # random: stored about as large
+    small = rng.standard_normal(20).astype(np.float32)
+    with CheckpointWriter(tmp_path / "src") as w:
+        w.write(("big",), big)
+        w.write(("small",), small)
+    return open_source(tmp_path / "src"), big
+
+
+def test_clone_for_clones_only_when_the_copied_arrays_hold_most_data(tmp_path):
+    source, big = _clone_source(tmp_path)
+    with CheckpointWriter(tmp_path / "out") as w:
+        assert w.clone_for(source, [("big",)])
+        w.copy_array(("b",), source, ("big",))
+    np.testing.assert_array_equal(CheckpointReader(tmp_path / "out").read(("b",)), big)
+    # Only the small array copied: nine tenths of the source would be carried along unused.
+    with CheckpointWriter(tmp_path / "small") as w:
+        assert not w.clone_for(source, [("small",)])
+        assert not w.clone_for(source, [])
+        assert w.clone_from(source)  # nothing was done: cloning is still possible
+        w.copy_array(("s",), source, ("small",))
+
+
+def test_clone_for_follows_the_limit_and_skips_sources_without_ocdbt(tmp_path, monkeypatch):
+    source, _ = _clone_source(tmp_path)
+    monkeypatch.setattr(store_module, "CLONE_MAX_UNUSED_FRACTION", -1.0)
+    with CheckpointWriter(tmp_path / "out") as w:
+        assert not w.clone_for(source, [("big",), ("small",)])
+        w.write(("a",), np.ones(1, np.float32))
+    monkeypatch.setattr(store_module, "CLONE_MAX_UNUSED_FRACTION", 0.1)
+
+    class NoOcdbt:
+        location = source.location
+
+        def ocdbt_contents(self):
+            raise AssertionError("a source without OCDBT has no B-tree to walk")
+
+    with CheckpointWriter(tmp_path / "other") as w:
+        assert not w.clone_for(NoOcdbt(), [("big",)])
+        w.write(("a",), np.ones(1, np.float32))
