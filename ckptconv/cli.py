@@ -212,6 +212,7 @@ def _run_convert(
     num_processes=None,
     process_id=None,
     barrier_timeout=300.0,
+    output_format="ocdbt",
 ):
     from .convert import ConvertOptions, convert
 
@@ -259,6 +260,7 @@ def _run_convert(
             force=force,
             target=target_leaves,
             progress=progress,
+            output_format=output_format,
         )
     finally:
         if bar is not None:
@@ -274,10 +276,22 @@ def _run_convert(
     )
 
 
+_format_option = click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["ocdbt", "zarr"]),
+    default="ocdbt",
+    show_default=True,
+    help="Output storage: one OCDBT database (Orbax's default), or one zarr folder per array "
+    "(use_ocdbt=False, as Pathways needs).",
+)
+
+
 @main.command("linen-to-nnx")
 @click.argument("src")
 @click.argument("dst")
 @_convert_options
+@_format_option
 @user_errors
 def linen_to_nnx(src: str, dst: str, **kw) -> None:
     """Convert a Linen checkpoint (MaxText or Flax TrainState) at SRC to NNX at DST."""
@@ -288,6 +302,7 @@ def linen_to_nnx(src: str, dst: str, **kw) -> None:
 @click.argument("src")
 @click.argument("dst")
 @_convert_options
+@_format_option
 @click.option(
     "--to",
     "target_layout",

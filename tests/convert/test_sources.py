@@ -211,3 +211,18 @@ def test_unknown_output_format_is_refused(msgpack_ckpt, tmp_path):
     with pytest.raises(PlanError, match="--format tiledb"):
         ckptconv.convert(folder, tmp_path / "out", output_format="tiledb")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_format_zarr(maxtext_fixtures, tmp_path):
+    from click.testing import CliRunner
+
+    from ckptconv.cli import main
+
+    src = maxtext_fixtures / "A" / "ckpt"
+    run = CliRunner().invoke(
+        main, ["linen-to-nnx", str(src), str(tmp_path / "o"), "--format", "zarr"]
+    )
+    assert run.exit_code == 0, run.output
+    assert not (tmp_path / "o" / "manifest.ocdbt").exists()
+    bad = CliRunner().invoke(main, ["linen-to-nnx", str(src), str(tmp_path / "p"), "--format", "x"])
+    assert bad.exit_code == 2 and not (tmp_path / "p").exists()
