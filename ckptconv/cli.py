@@ -107,7 +107,7 @@ def _convert_options(f):
     opts = [
         click.option(
             "--layout",
-            type=click.Choice(["maxtext", "flax", "nnx"]),
+            type=click.Choice(["maxtext", "flax", "params", "nnx"]),
             default=None,
             help="Layout of the SOURCE (detected when omitted; refused if it contradicts "
             "detection). nnx-to-linen reads nnx: use --to to pick the Linen layout to write.",
@@ -306,7 +306,7 @@ def linen_to_nnx(src: str, dst: str, **kw) -> None:
 @click.option(
     "--to",
     "target_layout",
-    type=click.Choice(["maxtext", "flax"]),
+    type=click.Choice(["maxtext", "flax", "params"]),
     default=None,
     help="Linen layout to WRITE (default: the one recorded at conversion, else maxtext).",
 )
@@ -399,7 +399,8 @@ def demo_cmd(workdir: str | None, as_json: bool) -> None:
 
 
 @main.command("annotate")
-@click.option("--model-config", "model_config", required=True, help="ModelConfig JSON/YAML file.")
+@click.option("--model-config", "model_config", default=None, help="ModelConfig JSON/YAML file.")
+@click.option("--model", "model_spec", default=None, help="Model adapter, module:function.")
 @click.option("--mesh", "mesh_spec", required=True, help="Mesh axes, e.g. data=2,tensor=4.")
 @click.option("--rules", default="maxtext", show_default=True, help="Preset name or rules file.")
 @click.option(
@@ -423,15 +424,16 @@ def demo_cmd(workdir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @user_errors
 def annotate_cmd(
-    model_config, mesh_spec, rules, mode, cache_batch, replicate_indivisible, as_json
+    model_config, model_spec, mesh_spec, rules, mode, cache_batch, replicate_indivisible, as_json
 ) -> None:
     """Print each variable's logical names, PartitionSpec and per-device shard shape."""
     from jax.sharding import PartitionSpec
 
+    from .models.adapter import resolve_model
     from .sharding.cli_support import annotate_model
 
     rows, fallbacks = annotate_model(
-        model_config,
+        resolve_model(model_spec, model_config),
         mesh_spec,
         rules,
         mode,
@@ -456,7 +458,8 @@ def annotate_cmd(
 
 @main.command("decode")
 @click.argument("ckpt")
-@click.option("--model-config", "model_config", required=True, help="ModelConfig JSON/YAML file.")
+@click.option("--model-config", "model_config", default=None, help="ModelConfig JSON/YAML file.")
+@click.option("--model", "model_spec", default=None, help="Model adapter, module:function.")
 @click.option("--prompt-ids", "prompt_ids", required=True, help="Token ids, e.g. 1,7,42.")
 @click.option(
     "--max-new-tokens", type=int, default=8, show_default=True, help="Tokens to generate."
@@ -481,6 +484,7 @@ def annotate_cmd(
 def decode_cmd(
     ckpt,
     model_config,
+    model_spec,
     prompt_ids,
     max_new_tokens,
     mesh_spec,
@@ -492,11 +496,11 @@ def decode_cmd(
 ) -> None:
     """Decode a prompt from CKPT (NNX, or Linen converted in memory) with the NNX engine."""
     from .engine import decode_checkpoint, parse_prompt_ids, parse_sampler
-    from .models import ModelConfig
+    from .models.adapter import resolve_model
 
     result = decode_checkpoint(
         ckpt,
-        ModelConfig.load(model_config),
+        resolve_model(model_spec, model_config),
         parse_prompt_ids(prompt_ids),
         max_new_tokens=max_new_tokens,
         mesh=mesh_spec,
@@ -512,7 +516,8 @@ def decode_cmd(
 @main.command("verify")
 @click.argument("linen_ckpt")
 @click.argument("nnx_ckpt")
-@click.option("--model-config", "model_config", required=True, help="ModelConfig JSON/YAML file.")
+@click.option("--model-config", "model_config", default=None, help="ModelConfig JSON/YAML file.")
+@click.option("--model", "model_spec", default=None, help="Model adapter, module:function.")
 @click.option("--prompt-ids", "prompt_ids", default=None, help="Token ids (default: 8 fixed).")
 @click.option(
     "--max-new-tokens", type=int, default=8, show_default=True, help="Greedy steps to compare."
@@ -526,7 +531,9 @@ def decode_cmd(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @user_errors
-def verify_cmd(linen_ckpt, nnx_ckpt, model_config, prompt_ids, max_new_tokens, atol, as_json):
+def verify_cmd(
+    linen_ckpt, nnx_ckpt, model_config, model_spec, prompt_ids, max_new_tokens, atol, as_json
+):
     """Check NNX_CKPT against LINEN_CKPT by decoding; exit 1 if either check fails.
 
     Weights check: Linen and NNX full forward passes on the same tokens (exact up to float32
@@ -534,12 +541,12 @@ def verify_cmd(linen_ckpt, nnx_ckpt, model_config, prompt_ids, max_new_tokens, a
     within a tolerance set by the activation dtype (or --atol).
     """
     from .engine import parse_prompt_ids, verify
-    from .models import ModelConfig
+    from .models.adapter import resolve_model
 
     result = verify(
         linen_ckpt,
         nnx_ckpt,
-        ModelConfig.load(model_config),
+        resolve_model(model_spec, model_config),
         prompt_ids=None if prompt_ids is None else parse_prompt_ids(prompt_ids),
         max_new_tokens=max_new_tokens,
         atol=atol,

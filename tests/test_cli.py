@@ -94,7 +94,7 @@ def test_unknown_layout(tmp_path):
     import orbax.checkpoint as ocp
 
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp_path / "odd", {"weird": {"x": np.zeros(3, np.float32)}})
+    ckptr.save(tmp_path / "odd", {"weird": {"x": np.zeros(3, np.float32), "y": None}})
     ckptr.wait_until_finished()
     code, _, err = run("linen-to-nnx", tmp_path / "odd", tmp_path / "out")
     assert_one_line_error(code, err, "unknown layout", "weird")

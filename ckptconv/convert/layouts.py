@@ -7,6 +7,10 @@ parse it into a :class:`~ckptconv.convert.tree.TrainTree` and emit a tree back:
   ``mu``/``nu`` under an extra ``params`` level, ``step`` int32, ``nnx_aux/model/<rng state>``.
 * ``flax``: ``flax.training.train_state.TrainState``: ``params/<model>``, ``opt_state`` tuple
   with empty entries, ``step``, other Linen collections (``batch_stats``) beside them.
+* ``params``: the whole checkpoint is one params tree (what model libraries and Hugging Face
+  save: ``StandardCheckpointer().save(path, params)``, ``flax_model.msgpack``): no ``params/``
+  level, no optimizer, no step. Detected when no other layout fits; forced with
+  ``--layout params`` (which reads any tree as bare params).
 * ``nnx``: ``model/<nnx.state(model)>`` and ``optimizer/<nnx.state(nnx.Optimizer)>``, every
   leaf ending in ``value``; ``optimizer/step`` uint32; ``opt_state`` keyed by chain position
   with empty entries omitted; other collections merged into the model tree.
@@ -117,6 +121,8 @@ def resolve_layout(
     if forced is None:
         return detect_layout(leaves, where), True
     lay = get_layout(forced)
+    if forced == ParamsLayout.name:
+        return lay, True  # any tree reads as a bare params tree: the user says it is one
     found = [m.name for m in matching_layouts(leaves)]
     if found and forced not in found:
         detected = " or ".join(found)
@@ -138,9 +144,12 @@ def detect_layout(leaves: dict[KeyPath, Leaf], where: str = "checkpoint") -> Lay
         return found[0]
     tops = sorted({p[0] for p in leaves if p})
     if not found:
+        if ParamsLayout.accepts(leaves):
+            return get_layout(ParamsLayout.name)
         raise LayoutError(
             f"{where}: unknown layout: expected top-level keys params/opt_state/step "
-            f"(maxtext, flax) or model/optimizer (nnx), found {tops}"
+            f"(maxtext, flax), model/optimizer (nnx), or a bare params tree of arrays "
+            f"(params), found {tops} with empty leaves"
         )
     names = ", ".join(lay.name for lay in found)
     raise LayoutError(f"{where}: ambiguous layout ({names}); pass --layout")
@@ -324,7 +333,13 @@ class NNXLayout:
 
     def matches(self, leaves: dict[KeyPath, Leaf]) -> bool:  # noqa: D102
         tops = {p[0] for p in leaves}
-        return "model" in tops and tops <= {"model", "optimizer"}
+        # nnx.State saved by Orbax: every array leaf ends in 'value' (a bare params tree whose
+        # root module happens to be called 'model' does not).
+        return (
+            "model" in tops
+            and tops <= {"model", "optimizer"}
+            and all(p[-1] == "value" for p, leaf in leaves.items() if not leaf.empty)
+        )
 
     def parse(self, leaves: dict[KeyPath, Leaf], info: dict) -> TrainTree:  # noqa: D102
         kinds: dict[str, str] = info.get("kinds", {})
@@ -368,6 +383,46 @@ class NNXLayout:
         return out
 
 
+class ParamsLayout:
+    """A bare params tree: every leaf of the checkpoint is a parameter at its own path."""
+
+    name = "params"
+
+    @staticmethod
+    def accepts(leaves: dict[KeyPath, Leaf]) -> bool:
+        """Whether ``leaves`` can be read as bare params (arrays only, at least one)."""
+        return bool(leaves) and not any(leaf.empty for leaf in leaves.values())
+
+    def matches(self, leaves: dict[KeyPath, Leaf]) -> bool:  # noqa: D102
+        return False  # the fallback of detect_layout, never a match of its own
+
+    def parse(self, leaves: dict[KeyPath, Leaf], info: dict) -> TrainTree:  # noqa: D102
+        model: dict[KeyPath, tuple[str, Expr]] = {}
+        for path, leaf in leaves.items():
+            if leaf.empty:
+                raise LayoutError(
+                    f"{keystr(path)}: expected an array in a bare params tree, found an empty "
+                    "leaf (an optimizer entry?): pass --layout flax or maxtext"
+                )
+            model[path] = (PARAMS, _src(leaf))
+        return TrainTree(model=model, info={"source_layout": self.name})
+
+    def emit(self, tree: TrainTree) -> list[OutLeaf]:  # noqa: D102
+        if tree.opt_state is not None or tree.step is not None:
+            raise LayoutError(
+                "the params layout holds params only, found optimizer state or a step: pass "
+                "--params-only, or --to flax / --to maxtext to keep them"
+            )
+        others = sorted({k for k, _ in tree.model.values() if k != PARAMS})
+        if others:
+            raise LayoutError(
+                f"the params layout holds params only, found collections {others}: pass "
+                "--params-only, or --to flax to keep them"
+            )
+        return [_dict_leaf(path, e) for path, (_, e) in tree.model.items()]
+
+
 register(MaxTextLayout())
 register(FlaxLayout())
 register(NNXLayout())
+register(ParamsLayout())

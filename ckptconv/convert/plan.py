@@ -21,6 +21,7 @@ from .layouts import OutLeaf, get_layout, matching_layouts, resolve_layout
 from .tree import PARAMS, TrainTree
 
 INFO_KEY = "ckptconv"
+LINEN_LAYOUTS = ("maxtext", "flax", "params")
 DEFAULT_LINEN_SCAN_AXIS = 1
 DEFAULT_NNX_SCAN_AXIS = 0
 LINEN_AXIS_OPTION = "--linen-scan-axis"
@@ -213,12 +214,12 @@ def _parse_linen_source(
 ) -> TrainTree:
     """Parses the source of ``linen-to-nnx``, which must be a Linen checkpoint."""
     found = [m.name for m in matching_layouts(leaves)]
-    if found == ["nnx"] or (layout == "nnx" and not found):
+    if layout != "params" and (found == ["nnx"] or (layout == "nnx" and not found)):
         forced = f" (--layout {layout} names the source's layout)" if layout else ""
         what = "is an nnx checkpoint (detected)" if found == ["nnx"] else "is read as nnx"
         raise LayoutError(
-            f"{where}: {what}{forced}: linen-to-nnx reads Linen checkpoints (maxtext, flax); "
-            "use nnx-to-linen to convert it"
+            f"{where}: {what}{forced}: linen-to-nnx reads Linen checkpoints (maxtext, flax, "
+            "params); use nnx-to-linen to convert it"
         )
     return parse_source(leaves, custom_metadata, layout, where)
 
@@ -317,15 +318,18 @@ def plan_nnx_to_linen(
     tree = _parse_nnx_source(leaves, custom_metadata, options.layout, where)
     info = recorded_info(custom_metadata)
     recorded = info.get("source_layout")
-    if options.target_layout is None and recorded not in (None, "maxtext", "flax"):
+    if options.target_layout is None and recorded not in (None, *LINEN_LAYOUTS):
         raise PlanError(
             f"{where}: unknown recorded layout {recorded!r} in the custom metadata: expected "
-            "maxtext or flax; pass --to to pick the Linen layout to write"
+            f"{', '.join(LINEN_LAYOUTS)}; pass --to to pick the Linen layout to write"
         )
     target = options.target_layout or recorded or "maxtext"
     lay = get_layout(target)
-    if target == "nnx":
-        raise PlanError("nnx-to-linen: the target layout must be maxtext or flax")
+    if target not in LINEN_LAYOUTS:
+        raise PlanError(
+            f"nnx-to-linen: the target layout must be one of {', '.join(LINEN_LAYOUTS)}, "
+            f"found {target}"
+        )
     if options.params_only:
         _params_only(tree)
     families = tuple(info.get("families", options.families))

@@ -145,9 +145,17 @@ def test_unknown_layout_name_lists_the_known_ones():
         get_layout("mlx")
 
 
+def test_a_bare_tree_of_arrays_is_the_params_layout():
+    assert detect_layout(tree(("foo", "bar"), ("foo", "baz")), "src").name == "params"
+    # a root module called 'model' without nnx.State's 'value' leaves is params, not nnx
+    assert detect_layout(tree(("model", "Dense_0", "kernel"))).name == "params"
+    assert detect_layout(tree(("model", "Dense_0", "kernel", "value"))).name == "nnx"
+
+
 def test_unknown_top_level_keys():
+    leaves = {**tree(("foo", "bar")), ("foo", "e"): Leaf(("foo", "e"), None, None)}
     with pytest.raises(LayoutError, match=r"^src: unknown layout: .* found \['foo'\]"):
-        detect_layout(tree(("foo", "bar")), "src")
+        detect_layout(leaves, "src")
 
 
 # --- parse errors ----------------------------------------------------------------------------

@@ -252,7 +252,10 @@ def test_scan_reports_missing_layer():
 
 
 def test_unknown_layout_is_a_layout_error():
-    leaves = {("foo", "bar"): Leaf(("foo", "bar"), (2,), "float32")}
+    leaves = {
+        ("foo", "bar"): Leaf(("foo", "bar"), (2,), "float32"),
+        ("foo", "e"): Leaf(("foo", "e"), None, None),
+    }
     with pytest.raises(LayoutError, match="unknown layout"):
         plan_linen_to_nnx(leaves, {})
 
@@ -348,7 +351,7 @@ def test_nnx_to_linen_refuses_unknown_recorded_and_nnx_target():
     meta = {"ckptconv": {**fwd.custom_metadata["ckptconv"], "source_layout": "mlx"}}
     with pytest.raises(PlanError, match=r"unknown recorded layout 'mlx'"):
         plan_nnx_to_linen(fwd.output_leaves(), meta)
-    with pytest.raises(PlanError, match=r"target layout must be maxtext or flax"):
+    with pytest.raises(PlanError, match=r"target layout must be one of maxtext, flax, params"):
         plan_nnx_to_linen(
             fwd.output_leaves(), fwd.custom_metadata, ConvertOptions(target_layout="nnx")
         )

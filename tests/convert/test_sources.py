@@ -226,3 +226,84 @@ def test_cli_format_zarr(maxtext_fixtures, tmp_path):
     assert not (tmp_path / "o" / "manifest.ocdbt").exists()
     bad = CliRunner().invoke(main, ["linen-to-nnx", str(src), str(tmp_path / "p"), "--format", "x"])
     assert bad.exit_code == 2 and not (tmp_path / "p").exists()
+
+
+def hf_params():
+    """A Hugging Face-style Flax params tree (a root module, numbered blocks)."""
+    rng = np.random.default_rng(3)
+    return {
+        "transformer": {
+            "wte": {"embedding": rng.standard_normal((16, 8), dtype=np.float32)},
+            **{
+                f"h_{i}": {
+                    "attn": {"kernel": rng.standard_normal((8, 24), dtype=np.float32)},
+                    "ln": {"scale": np.ones(8, np.float32), "bias": np.zeros(8, np.float32)},
+                }
+                for i in range(2)
+            },
+        }
+    }
+
+
+def _flat(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_flax_serialization_params_convert_bit_exactly(tmp_path, sharded):
+    import json
+
+    from flax import serialization
+
+    params = hf_params()
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    if sharded:
+        weight_map = {}
+        for n, block in enumerate(["h_0", "h_1"]):
+            name = f"flax_model-0000{n + 1}-of-00002.msgpack"
+            sub = {"transformer": {block: params["transformer"][block]}}
+            if n == 0:
+                sub["transformer"]["wte"] = params["transformer"]["wte"]
+            (folder / name).write_bytes(serialization.to_bytes(sub))
+            weight_map.update({"/".join(p): name for p, _ in _flat(sub)})
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (folder / "flax_model.msgpack.index.json").write_text(json.dumps(index))
+    else:
+        (folder / "flax_model.msgpack").write_bytes(serialization.to_bytes(params))
+    result = ckptconv.convert(folder, tmp_path / "nnx")
+    assert result.plan.source_layout == "params"
+    out = open_source(tmp_path / "nnx")
+    for path, value in _flat(params):
+        got = out.read(("model", *path, "value"))
+        assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), path
+    assert ckptconv.compare(folder, tmp_path / "nnx").bit_exact
+    # and back: a bare params tree again, as Orbax writes one
+    ckptconv.convert(tmp_path / "nnx", tmp_path / "back", direction="nnx-to-linen")
+    restored = ocp.StandardCheckpointer().restore(str(tmp_path / "back"))
+    assert set(restored) == {"transformer"}
+    np.testing.assert_array_equal(
+        restored["transformer"]["h_1"]["attn"]["kernel"],
+        params["transformer"]["h_1"]["attn"]["kernel"],
+    )
+    assert ckptconv.compare(folder, tmp_path / "back").bit_exact
+
+
+def test_bare_params_saved_by_orbax_round_trip(tmp_path):
+    params = hf_params()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "bare", params)
+    ckptr.wait_until_finished()
+    plan = ckptconv.convert(tmp_path / "bare", None).plan
+    assert plan.source_layout == "params"
+    assert all(o.path[0] == "model" and o.path[-1] == "value" for o in plan.leaves)
+    ckptconv.convert(tmp_path / "bare", tmp_path / "nnx")
+    ckptconv.convert(tmp_path / "nnx", tmp_path / "back", direction="nnx-to-linen")
+    assert ckptconv.compare(tmp_path / "bare", tmp_path / "back").bit_exact
+    assert ckptconv.CheckpointReader(tmp_path / "back").leaves().keys() == (
+        ckptconv.CheckpointReader(tmp_path / "bare").leaves().keys()
+    )
