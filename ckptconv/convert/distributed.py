@@ -38,6 +38,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from ..errors import CkptconvError, DestinationExistsError, PlanError
 from ..io import Location, can_copy_verbatim, one_line
@@ -191,8 +192,7 @@ def convert_distributed(
     """
     start = time.perf_counter()
     group = group.subgroup()  # this conversion's own keys, so that a group can be reused
-    writer: ProcessStoreWriter | None = None
-    merging: MergingWriter | None = None
+    writers: dict[str, Any] = {}  # "merging" (process 0) and "process", once opened
     try:
         source = open_source(src)
         plan = make_plan(source, direction, options)
@@ -207,24 +207,7 @@ def convert_distributed(
         # Every process has checked its input before anything is created (on an object store
         # the destination is written in place, so a late check would find process 0's write).
         group.barrier("planned")
-        if group.is_leader:
-            merging = MergingWriter(
-                dst_loc,
-                force=force,
-                use_zarr3=source.use_zarr3,
-                custom_metadata=plan.custom_metadata,
-                max_inflight_bytes=INFLIGHT_BYTES,
-            )
-            folder = merging.folder
-            group.publish("folder", str(folder))
-        else:
-            folder = Location.parse(group.wait_for("folder"))
-        writer = ProcessStoreWriter(
-            folder,
-            group.process_id,
-            use_zarr3=source.use_zarr3,
-            max_inflight_bytes=INFLIGHT_BYTES,
-        )
+        writer = _open_writers(group, writers, dst_loc, source, plan, force)
 
         def tick() -> None:
             group.check()
@@ -233,22 +216,14 @@ def convert_distributed(
         done = execute(
             tasks, source, writer, process_id=group.process_id, progress=progress, tick=tick
         )
-        writer.commit()
-        group.barrier("written")
-        if merging is not None:
-            shapes = {o.path: o.expr.shape for o in plan.leaves if o.expr is not None}
-            merging.merge(range(group.num_processes), shapes=shapes)
-            merging.commit()
-            group.publish("committed", str(dst_loc))
-        else:
-            group.wait_for("committed")
+        _commit_all(group, writers, plan, dst_loc)
     except GroupStoppedError:
-        _stop(group, writer, merging)
+        _stop(group, writers.get("process"), writers.get("merging"))
         raise
     except BaseException as e:
         reason = one_line(e) if isinstance(e, CkptconvError) else f"{type(e).__name__}: {e}"
         group.fail(reason)
-        _stop(group, writer, merging)
+        _stop(group, writers.get("process"), writers.get("merging"))
         raise
     return DistributedResult(
         plan,
@@ -261,6 +236,49 @@ def convert_distributed(
         process_id=group.process_id,
         num_processes=group.num_processes,
     )
+
+
+def _open_writers(
+    group: ProcessGroup,
+    writers: dict[str, Any],
+    dst_loc: Location,
+    source: CheckpointSource,
+    plan: Plan,
+    force: bool,
+) -> ProcessStoreWriter:
+    """Process 0 opens the checkpoint (its folder is published); each opens its own store."""
+    if group.is_leader:
+        merging = writers["merging"] = MergingWriter(
+            dst_loc,
+            force=force,
+            use_zarr3=source.use_zarr3,
+            custom_metadata=plan.custom_metadata,
+            max_inflight_bytes=INFLIGHT_BYTES,
+        )
+        folder = merging.folder
+        group.publish("folder", str(folder))
+    else:
+        folder = Location.parse(group.wait_for("folder"))
+    writers["process"] = ProcessStoreWriter(
+        folder, group.process_id, use_zarr3=source.use_zarr3, max_inflight_bytes=INFLIGHT_BYTES
+    )
+    return writers["process"]
+
+
+def _commit_all(
+    group: ProcessGroup, writers: dict[str, Any], plan: Plan, dst_loc: Location
+) -> None:
+    """Each process commits its store; after a barrier process 0 merges and commits."""
+    writers["process"].commit()
+    group.barrier("written")
+    merging = writers.get("merging")
+    if merging is not None:
+        shapes = {o.path: o.expr.shape for o in plan.leaves if o.expr is not None}
+        merging.merge(range(group.num_processes), shapes=shapes)
+        merging.commit()
+        group.publish("committed", str(dst_loc))
+    else:
+        group.wait_for("committed")
 
 
 def _stop(
