@@ -259,58 +259,10 @@ def scan(
             collections differ between layers, or ``param_axis`` (from ``option``) is out
             of range for a leaf.
     """
-    rx = re.compile(rf"^({'|'.join(re.escape(f) for f in families)})_(\d+)$")
-
-    def family_key(path: KeyPath) -> tuple[KeyPath, int, KeyPath] | None:
-        for k, seg in enumerate(path[:-1]):
-            m = rx.match(seg)
-            if m:
-                return (*path[:k], m.group(1)), int(m.group(2)), path[k + 1 :]
-        return None
-
-    def layer_path(fam: KeyPath, i: int, rest: KeyPath) -> KeyPath:
-        return (*fam[:-1], f"{fam[-1]}_{i}", *rest)
+    family_key = _family_matcher(families)
 
     def restack(items: dict[KeyPath, Expr], is_param_of: Callable[[KeyPath], bool]):
-        groups: dict[tuple[KeyPath, KeyPath], dict[int, Expr]] = {}
-        out: dict[KeyPath, Expr] = {}
-        members: dict[KeyPath, set[int]] = {}
-        for path, e in items.items():
-            fk = family_key(path)
-            if fk is None:
-                out[path] = e
-                continue
-            fam, i, rest = fk
-            groups.setdefault((fam, rest), {})[i] = e
-            members.setdefault(fam, set()).add(i)
-        for (fam, rest), layers in groups.items():
-            n = max(members[fam]) + 1
-            path = (*fam, *rest)
-            missing = [i for i in range(n) if i not in layers]
-            if missing:
-                why = (
-                    "a param must be stored for every layer of a scanned family"
-                    if is_param_of(path)
-                    else "state stored for some layers only is shared by the layers (NNX "
-                    "stores it once) and has no per-layer form; --params-only drops the "
-                    "non-param collections"
-                )
-                raise PlanError(
-                    f"{keystr(layer_path(fam, missing[0], rest))}: missing while stacking "
-                    f"{keystr(fam)}_0..{n - 1} (found layers {sorted(layers)}): {why}"
-                )
-            xs = [layers[i] for i in range(n)]
-            first = xs[0]
-            for i, x in enumerate(xs):
-                if x.shape != first.shape or x.dtype != first.dtype:
-                    raise PlanError(
-                        f"{keystr(layer_path(fam, i, rest))}: expected "
-                        f"{first.dtype}{list(first.shape)} like layer 0, "
-                        f"found {x.dtype}{list(x.shape)}"
-                    )
-            axis = _axis(path, is_param_of(path), param_axis, len(first.shape) + 1, option)
-            out[path] = stack(xs, axis)
-        return out
+        return _restack(items, is_param_of, family_key, param_axis, option)
 
     stacked_kind: dict[KeyPath, str] = {}
     first_of: dict[KeyPath, KeyPath] = {}
@@ -334,6 +286,76 @@ def scan(
             continue
         for root, mirror in entry.mirrors.items():
             entry.mirrors[root] = restack(mirror, lambda p: True)
+
+
+FamilyKey = Callable[[KeyPath], "tuple[KeyPath, int, KeyPath] | None"]
+
+
+def _family_matcher(families: Iterable[str]) -> FamilyKey:
+    """``path -> (family path, layer index, rest)`` for leaves of ``<f>_{i}`` layers, else None."""
+    rx = re.compile(rf"^({'|'.join(re.escape(f) for f in families)})_(\d+)$")
+
+    def family_key(path: KeyPath) -> tuple[KeyPath, int, KeyPath] | None:
+        for k, seg in enumerate(path[:-1]):
+            m = rx.match(seg)
+            if m:
+                return (*path[:k], m.group(1)), int(m.group(2)), path[k + 1 :]
+        return None
+
+    return family_key
+
+
+def _layer_path(fam: KeyPath, i: int, rest: KeyPath) -> KeyPath:
+    return (*fam[:-1], f"{fam[-1]}_{i}", *rest)
+
+
+def _restack(
+    items: dict[KeyPath, Expr],
+    is_param_of: Callable[[KeyPath], bool],
+    family_key: FamilyKey,
+    param_axis: int,
+    option: str,
+) -> dict[KeyPath, Expr]:
+    """Stacks the layer leaves of ``items`` (see :func:`scan`); other leaves pass through."""
+    groups: dict[tuple[KeyPath, KeyPath], dict[int, Expr]] = {}
+    out: dict[KeyPath, Expr] = {}
+    members: dict[KeyPath, set[int]] = {}
+    for path, e in items.items():
+        fk = family_key(path)
+        if fk is None:
+            out[path] = e
+            continue
+        fam, i, rest = fk
+        groups.setdefault((fam, rest), {})[i] = e
+        members.setdefault(fam, set()).add(i)
+    for (fam, rest), layers in groups.items():
+        n = max(members[fam]) + 1
+        path = (*fam, *rest)
+        missing = [i for i in range(n) if i not in layers]
+        if missing:
+            why = (
+                "a param must be stored for every layer of a scanned family"
+                if is_param_of(path)
+                else "state stored for some layers only is shared by the layers (NNX "
+                "stores it once) and has no per-layer form; --params-only drops the "
+                "non-param collections"
+            )
+            raise PlanError(
+                f"{keystr(_layer_path(fam, missing[0], rest))}: missing while stacking "
+                f"{keystr(fam)}_0..{n - 1} (found layers {sorted(layers)}): {why}"
+            )
+        xs = [layers[i] for i in range(n)]
+        first = xs[0]
+        for i, x in enumerate(xs):
+            if x.shape != first.shape or x.dtype != first.dtype:
+                raise PlanError(
+                    f"{keystr(_layer_path(fam, i, rest))}: expected "
+                    f"{first.dtype}{list(first.shape)} like layer 0, "
+                    f"found {x.dtype}{list(x.shape)}"
+                )
+        axis = _axis(path, is_param_of(path), param_axis, len(first.shape) + 1, option)
+        out[path] = stack(xs, axis)
+    return out
 
 
 def cast_params(tree: TrainTree, dtype: str) -> None:
