@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
 
 from . import errors as errors
@@ -27,7 +28,7 @@ from .io import CheckpointReader as CheckpointReader
 from .io import CheckpointWriter as CheckpointWriter
 from .nnx_restore import restore as restore
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("ckptconv")
 
 _LAZY = {
     "ModelConfig": "ckptconv.models",

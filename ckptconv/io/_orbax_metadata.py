@@ -224,11 +224,6 @@ def write_file(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes a JSON document and fsyncs it."""
-    write_file(path, json.dumps(obj).encode())
-
-
 def fsync_dir(path: str) -> None:
     """Fsyncs a folder, so that renames and new entries in it are durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -49,13 +49,6 @@ def compose(first: Sequence[int], then: Sequence[int]) -> Perm:
     return tuple(first[i] for i in then)
 
 
-def moveaxis_perm(ndim: int, src: int, dst: int) -> Perm:
-    """Returns ``P`` with ``np.moveaxis(x, src, dst) == np.transpose(x, P)``."""
-    axes = list(range(ndim))
-    axes.insert(dst, axes.pop(src))
-    return tuple(axes)
-
-
 def permute(values: Sequence[Any], perm: Sequence[int]) -> list[Any]:
     """Returns ``values`` reordered as the axes of ``np.transpose(x, perm)``."""
     return [values[p] for p in perm]

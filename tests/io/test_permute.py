@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import ml_dtypes
@@ -148,11 +147,7 @@ def test_chunk_keys_round_trip(doc, zarr3, key, index):
     assert keys.parse("zarr.json") is None and keys.parse(".zattrs") is None
 
 
-def test_moveaxis_perm_and_compose_match_numpy():
-    x = np.zeros((2, 3, 4, 5))
-    for src, dst in itertools.product(range(4), repeat=2):
-        perm = _permute.moveaxis_perm(4, src, dst)
-        assert np.transpose(x, perm).shape == np.moveaxis(x, src, dst).shape
+def test_compose_matches_numpy():
     a, b = (1, 2, 0, 3), (3, 0, 2, 1)
     y = np.arange(120).reshape(2, 3, 4, 5)
     np.testing.assert_array_equal(
