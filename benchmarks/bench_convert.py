@@ -49,7 +49,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from ckptconv.testing import start_s3_server, stop_process
 
 EMB, MLP, VOCAB, HEADS, HEAD_DIM = 1024, 4096, 32000, 8, 128
 
@@ -147,7 +148,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, int(err.strip().splitlines()[-1]) / 1024
 
 
-def start_s3_server() -> tuple[subprocess.Popen, str]:
+def start_s3_bucket() -> tuple[subprocess.Popen, str]:
     """Starts moto's S3 server on a free port of 127.0.0.1 with one bucket.
 
     Returns:
@@ -156,24 +157,7 @@ def start_s3_server() -> tuple[subprocess.Popen, str]:
     """
     import boto3
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto server did not start on {endpoint}") from None
-            time.sleep(0.1)
+    proc, endpoint = start_s3_server()
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench",
@@ -192,10 +176,8 @@ S3_CASES = {
 }
 
 
-def bench_size(
-    work: pathlib.Path, layers: int, with_opt: bool, repeat: int, s3_root: str | None = None
-) -> dict:
-    """Builds one checkpoint and runs every case ``repeat`` times (interleaved)."""
+def build_timed(work: pathlib.Path, layers: int, with_opt: bool) -> tuple[pathlib.Path, int]:
+    """Builds ``work/linen_<layers>`` and prints its size and build time; returns both."""
     src = work / f"linen_{layers}"
     t = time.perf_counter()
     nbytes = build_checkpoint(src, layers, with_opt)
@@ -203,6 +185,14 @@ def bench_size(
         f"built {src}: {nbytes / 1e9:.2f} GB of arrays in {time.perf_counter() - t:.1f} s",
         flush=True,
     )
+    return src, nbytes
+
+
+def bench_size(
+    work: pathlib.Path, layers: int, with_opt: bool, repeat: int, s3_root: str | None = None
+) -> dict:
+    """Builds one checkpoint and runs every case ``repeat`` times (interleaved)."""
+    src, nbytes = build_timed(work, layers, with_opt)
     cli = [sys.executable, "-m", "ckptconv.cli"]
     nnx_ref = work / f"nnx_ref_{layers}"
     subprocess.run(
@@ -335,13 +325,7 @@ def bench_processes(
     work: pathlib.Path, layers: int, with_opt: bool, repeat: int, processes: list[int]
 ) -> dict:
     """Times PROCESS_CASES with each process count, ``repeat`` times, interleaved."""
-    src = work / f"linen_{layers}"
-    t = time.perf_counter()
-    nbytes = build_checkpoint(src, layers, with_opt)
-    print(
-        f"built {src}: {nbytes / 1e9:.2f} GB of arrays in {time.perf_counter() - t:.1f} s",
-        flush=True,
-    )
+    src, nbytes = build_timed(work, layers, with_opt)
     os.sync()
     cli = [sys.executable, "-m", "ckptconv.cli"]
     results: dict[tuple[str, int], dict] = {}
@@ -470,7 +454,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         return
     reports = []
-    server, s3_root = start_s3_server() if args.s3 else (None, None)
+    server, s3_root = start_s3_bucket() if args.s3 else (None, None)
     try:
         for layers in [int(x) for x in args.sizes.split(",")]:
             rep = bench_size(work, layers, args.opt, args.repeat, s3_root)
@@ -478,8 +462,7 @@ def main() -> None:
             print_report(rep, args.repeat)
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_process(server, timeout=30)
     if len(reports) > 1:
         a, b = reports[0], reports[-1]
         print(

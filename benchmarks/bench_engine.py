@@ -39,50 +39,23 @@ from flax import nnx, traverse_util
 
 from ckptconv.engine import Engine
 from ckptconv.engine import params as P
-from ckptconv.engine.engine import _STALE_AR
 from ckptconv.engine.sampling import sample
 from ckptconv.engine.state import DecodeState, Prefix, ResultTokens
 from ckptconv.models import ModelConfig, linen
+from ckptconv.models.reference_adapter import STALE_AR
 from ckptconv.sharding import ar_kv_cache_partition_specs, named_shardings
+from ckptconv.testing import random_linen_params
 
 SLOTS = 8
-FULL = dict(
-    emb_dim=768,
-    num_query_heads=12,
-    num_kv_heads=12,
-    head_dim=64,
-    mlp_dim=2048,
-    num_decoder_layers=12,
-    vocab_size=8192,
-    max_target_length=512,
-    max_prefill_predict_length=128,
-)
-SMALL = dict(
-    emb_dim=128,
-    num_query_heads=4,
-    num_kv_heads=4,
-    head_dim=32,
-    mlp_dim=512,
-    num_decoder_layers=4,
-    vocab_size=1024,
-    max_target_length=256,
-    max_prefill_predict_length=64,
-)
-
-
-def random_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
-    """A Linen params tree of random float32 values (numpy; no initializer is compiled)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(linen.Transformer(config).init, jax.random.key(0), tokens, tokens)
-    rng = np.random.default_rng(seed)
-
-    def value(path, s):
-        noise = rng.standard_normal(s.shape, dtype=np.float32)
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return 1 + 0.1 * noise
-        return noise / np.float32(np.sqrt(s.shape[0]))
-
-    return jax.tree_util.tree_map_with_path(value, shapes["params"])
+# ModelConfig sizes of the two models: "full" is about 100M parameters, "small" about 1M.
+SIZE_FIELDS = (
+    "emb_dim num_query_heads num_kv_heads head_dim mlp_dim num_decoder_layers vocab_size "
+    "max_target_length max_prefill_predict_length"
+).split()
+SIZES = {
+    "full": (768, 12, 12, 64, 2048, 12, 8192, 512, 128),
+    "small": (128, 4, 4, 32, 512, 4, 1024, 256, 64),
+}
 
 
 class LinenEngine(Engine):
@@ -98,25 +71,9 @@ class LinenEngine(Engine):
         self._model = linen.Transformer(config)
         ar = P.abstract_model(config, model_mode="autoregressive", cache_batch=self._slots)
         specs = ar_kv_cache_partition_specs(ar, self._rules, self._mesh, replicate_indivisible=True)
-        rep = P.replicated(self._mesh)
-        cache_shardings = named_shardings(specs, self._mesh)
-        self._state_shardings = DecodeState(cache_shardings, rep, rep, rep, rep, rep)
         self._linen_ar_cache = jax.eval_shape(lambda: linen.init_cache(config, self._slots))
         self._linen_prefill_cache = jax.eval_shape(lambda: linen.init_cache(config, 1, "prefill"))
-        self._init_jit = jax.jit(self._init_impl, out_shardings=self._state_shardings)
-        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames="sampler")
-        self._insert_jit = jax.jit(
-            self._insert_impl, donate_argnums=1, out_shardings=self._state_shardings
-        )
-        self._generate_jit = jax.jit(
-            self._generate_impl,
-            static_argnames="sampler",
-            donate_argnums=1,
-            out_shardings=(self._state_shardings, rep),
-        )
-        self._free_jit = jax.jit(
-            self._free_impl, donate_argnums=0, out_shardings=self._state_shardings
-        )
+        self.build_programs(named_shardings(specs, self._mesh))
 
     def load_params(self, source: Any) -> Any:
         """Places a Linen params tree on the engine's mesh (replicated)."""
@@ -145,7 +102,7 @@ class LinenEngine(Engine):
         flat = {
             p: v
             for p, v in traverse_util.flatten_dict(variables["cache"]).items()
-            if p[-1] not in _STALE_AR
+            if p[-1] not in STALE_AR
         }
         one = jnp.ones((1,), jnp.int32)
         prefix = Prefix(traverse_util.unflatten_dict(flat), token, true_length, last)
@@ -156,7 +113,7 @@ class LinenEngine(Engine):
         cache = traverse_util.flatten_dict(state.cache)
         for path, row in rows.items():
             cache[path] = jax.lax.dynamic_update_slice_in_dim(
-                cache[path], row.astype(cache[path].dtype), slot, self._slot_axes[path]
+                cache[path], row.astype(cache[path].dtype), slot, self._backend._slot_axes[path]
             )
         return DecodeState(
             cache=traverse_util.unflatten_dict(cache),
@@ -214,7 +171,7 @@ def time_engine(engine: Engine, params: Any, prompts: list[np.ndarray], steps: i
 
 def make_bare_step(engine: Engine):
     """The jitted NNX forward step alone: logits and the next cache and positions."""
-    graphdef = engine._ar_graphdef
+    graphdef = engine._backend._ar_graphdef
 
     def step(params, cache, tokens, positions):
         model = nnx.merge(graphdef, params, cache)
@@ -267,11 +224,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
 
-    sizes = SMALL if args.small else FULL
+    sizes = dict(zip(SIZE_FIELDS, SIZES["small" if args.small else "full"], strict=True))
     config = ModelConfig(
         **sizes, dtype="float32", weight_dtype="float32", param_scan_axis=args.param_scan_axis
     )
-    linen_params = random_params(config)
+    linen_params = random_linen_params(config)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(linen_params))
     nnx_engine = Engine(config, max_concurrent_decodes=SLOTS)
     linen_engine = LinenEngine(config, max_concurrent_decodes=SLOTS)

@@ -104,7 +104,27 @@ def _load_target(spec: str):
 
 
 def _convert_options(f):
-    opts = [
+    for o in reversed([*_plan_options(), *_process_options()]):
+        f = o(f)
+    return f
+
+
+def _plan_options():
+    """The options of a conversion's plan, in ``--help`` order."""
+
+    def scan_axis(kind, default):
+        return click.option(
+            f"--{kind.lower()}-scan-axis",
+            type=int,
+            default=None,
+            help=f"Stacking axis of {kind} params (default: recorded, else {default}). Negative "
+            "counts from the end of each stacked leaf, as numpy.moveaxis; out of range is refused.",
+        )
+
+    def flag(name, help, *decls):
+        return click.option(name, *decls, is_flag=True, help=help)
+
+    return [
         click.option(
             "--layout",
             type=click.Choice(["maxtext", "flax", "params", "nnx"]),
@@ -124,59 +144,50 @@ def _convert_options(f):
             default=None,
             help="Stack layers_{i} families into one scanned module, or split them.",
         ),
-        click.option(
-            "--linen-scan-axis",
-            type=int,
-            default=None,
-            help="Stacking axis of Linen params (default: recorded, else 1). Negative "
-            "counts from the end of each stacked leaf, as numpy.moveaxis; out of range is refused.",
-        ),
-        click.option(
-            "--nnx-scan-axis",
-            type=int,
-            default=None,
-            help="Stacking axis of NNX params (default: recorded, else 0). Negative counts "
-            "from the end of each stacked leaf, as numpy.moveaxis; out of range is refused.",
-        ),
+        scan_axis("Linen", 1),
+        scan_axis("NNX", 0),
         click.option(
             "--dtype",
             default=None,
             help="Cast floating params to a floating dtype: bfloat16, float16, float32, float64.",
         ),
-        click.option("--params-only", is_flag=True, help="Keep the params only."),
-        click.option("--force", is_flag=True, help="Replace an existing destination."),
-        click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
+        flag("--params-only", "Keep the params only."),
+        flag("--force", "Replace an existing destination."),
+        flag("--dry-run", "Print the plan; write nothing."),
         click.option(
             "--target",
             default=None,
             metavar="MODULE:FUNCTION",
             help="Check the plan against an NNX model (or its abstract state).",
         ),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
-        # Multi-process conversion (ckptconv.convert.distributed); `ckptconv launch` sets these.
-        click.option(
+        flag("--json", "Print one JSON document.", "as_json"),
+    ]
+
+
+def _process_options():
+    """The options of a multi-process conversion (``ckptconv launch`` sets them)."""
+
+    def from_env(name, envvar, help, **kw):
+        return click.option(name, envvar=envvar, show_envvar=True, default=None, help=help, **kw)
+
+    return [
+        from_env(
             "--coordinator",
-            envvar="JAX_COORDINATOR_ADDRESS",
-            show_envvar=True,
-            default=None,
+            "JAX_COORDINATOR_ADDRESS",
+            "Convert with several processes: process 0's jax.distributed address.",
             metavar="HOST:PORT",
-            help="Convert with several processes: process 0's jax.distributed address.",
         ),
-        click.option(
+        from_env(
             "--num-processes",
-            envvar="JAX_NUM_PROCESSES",
-            show_envvar=True,
+            "JAX_NUM_PROCESSES",
+            "Number of processes converting together.",
             type=click.IntRange(1),
-            default=None,
-            help="Number of processes converting together.",
         ),
-        click.option(
+        from_env(
             "--process-id",
-            envvar="JAX_PROCESS_ID",
-            show_envvar=True,
+            "JAX_PROCESS_ID",
+            "This process's index among them.",
             type=click.IntRange(0),
-            default=None,
-            help="This process's index among them.",
         ),
         click.option(
             "--barrier-timeout",
@@ -186,9 +197,6 @@ def _convert_options(f):
             help="Seconds a process waits for the others while none makes progress.",
         ),
     ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
 
 
 def _run_convert(

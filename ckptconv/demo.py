@@ -127,6 +127,82 @@ def _train_linen(config, steps: int):
     return model, state, tokens, positions
 
 
+def _save_with_orbax(state, path: pathlib.Path, times: dict[str, float], say) -> None:
+    """Step 2: saves the Linen ``TrainState`` with Orbax, as a training job would."""
+    import orbax.checkpoint as ocp
+
+    t = time.perf_counter()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, state)
+    ckptr.wait_until_finished()
+    times["orbax_save"] = time.perf_counter() - t
+    say(f"saved the Linen TrainState with Orbax: {path} ({_dir_bytes(path)} bytes)")
+
+
+def _restore_and_check_logits(config, nnx_path, linen, inputs, times, say) -> float:
+    """Steps 4 and 5: restores into the NNX twin and an optimizer; checks the logits.
+
+    Args:
+        config: the model config.
+        nnx_path: the converted checkpoint.
+        linen: ``(Linen model, its TrainState)``.
+        inputs: ``(tokens, positions)``.
+        times: receives ``nnx_restore``.
+        say: where progress lines go.
+
+    Returns:
+        The max |NNX logit - Linen logit| (always 0.0: anything else raises).
+
+    Raises:
+        CkptconvError: the optimizer step or the logits differ.
+    """
+    import jax
+    import optax
+    from flax import nnx
+
+    from .models import nnx as nnx_models
+    from .nnx_restore import restore
+
+    linen_model, state = linen
+    tokens, positions = inputs
+    t = time.perf_counter()
+    model = nnx_models.Transformer(config, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    restore(nnx_path, model, optimizer)
+    times["nnx_restore"] = time.perf_counter() - t
+    if int(optimizer.step.value) != int(state.step):
+        raise CkptconvError(f"optimizer step {int(optimizer.step.value)} != {int(state.step)}")
+
+    linen_logits = np.asarray(linen_model.apply({"params": state.params}, tokens, positions))
+    nnx_logits = np.asarray(jax.jit(lambda m, t, p: m(t, p))(model, tokens, positions))
+    diff = float(np.max(np.abs(linen_logits - nnx_logits)))
+    say(
+        f"restored with plain Orbax into the NNX twin and nnx.Optimizer (step "
+        f"{int(optimizer.step.value)}): max |logit diff| vs Linen = {diff:g}"
+    )
+    if diff != 0.0:
+        raise CkptconvError(f"NNX logits differ from Linen logits by {diff:g}")
+    return diff
+
+
+def _convert_back(nnx_path, linen_path, back_path, times, say):
+    """Step 6: converts back to Linen; returns the result and the comparison with the original.
+
+    Raises:
+        CkptconvError: the round trip is not bit-exact.
+    """
+    back = convert(nnx_path, back_path, direction="nnx-to-linen")
+    times["nnx_to_linen"] = back.seconds
+    report = compare(linen_path, back_path)
+    say(
+        f"converted back to Linen: {back_path}; compare: {len(report.leaves)} leaves, "
+        f"{'bit-exact' if report.bit_exact else 'DIFFERENT'}"
+    )
+    if not report.bit_exact:
+        raise CkptconvError(f"round trip differs: {report.to_dict()}")
+    return back, report
+
+
 def run_demo(
     workdir: str | os.PathLike | None = None,
     *,
@@ -149,14 +225,7 @@ def run_demo(
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ckptconv-demo-") as tmp:
             return run_demo(tmp, steps=steps, say=say)
-    import jax
-    import optax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
     from .models import ModelConfig
-    from .models import nnx as nnx_models
-    from .nnx_restore import restore
 
     root = pathlib.Path(workdir).absolute()
     config = ModelConfig(**DEMO_CONFIG)
@@ -171,12 +240,7 @@ def run_demo(
     )
 
     linen_path = root / "linen"
-    t = time.perf_counter()
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(linen_path, state)
-    ckptr.wait_until_finished()
-    times["orbax_save"] = time.perf_counter() - t
-    say(f"saved the Linen TrainState with Orbax: {linen_path} ({_dir_bytes(linen_path)} bytes)")
+    _save_with_orbax(state, linen_path, times, say)
 
     nnx_path = root / "nnx"
     result = convert(linen_path, nnx_path, direction="linen-to-nnx")
@@ -186,34 +250,10 @@ def run_demo(
         f"{result.seconds:.3f} s, {result.plan.source_layout} -> nnx)"
     )
 
-    t = time.perf_counter()
-    model = nnx_models.Transformer(config, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
-    restore(nnx_path, model, optimizer)
-    times["nnx_restore"] = time.perf_counter() - t
-    if int(optimizer.step.value) != int(state.step):
-        raise CkptconvError(f"optimizer step {int(optimizer.step.value)} != {int(state.step)}")
-
-    linen_logits = np.asarray(linen_model.apply({"params": state.params}, tokens, positions))
-    nnx_logits = np.asarray(jax.jit(lambda m, t, p: m(t, p))(model, tokens, positions))
-    diff = float(np.max(np.abs(linen_logits - nnx_logits)))
-    say(
-        f"restored with plain Orbax into the NNX twin and nnx.Optimizer (step "
-        f"{int(optimizer.step.value)}): max |logit diff| vs Linen = {diff:g}"
+    diff = _restore_and_check_logits(
+        config, nnx_path, (linen_model, state), (tokens, positions), times, say
     )
-    if diff != 0.0:
-        raise CkptconvError(f"NNX logits differ from Linen logits by {diff:g}")
-
-    back_path = root / "linen_again"
-    back = convert(nnx_path, back_path, direction="nnx-to-linen")
-    times["nnx_to_linen"] = back.seconds
-    report = compare(linen_path, back_path)
-    say(
-        f"converted back to Linen: {back_path}; compare: {len(report.leaves)} leaves, "
-        f"{'bit-exact' if report.bit_exact else 'DIFFERENT'}"
-    )
-    if not report.bit_exact:
-        raise CkptconvError(f"round trip differs: {report.to_dict()}")
+    back, report = _convert_back(nnx_path, linen_path, root / "linen_again", times, say)
 
     linen_bytes, nnx_bytes = _dir_bytes(linen_path), _dir_bytes(nnx_path)
     out = DemoResult(

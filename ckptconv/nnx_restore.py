@@ -116,12 +116,14 @@ def restore(
     rules: Any = "maxtext",
     shardings: Any = None,
     strict: bool = True,
-) -> None:
+) -> Any:
     """Restores an NNX checkpoint into ``model`` (and ``optimizer``) in place.
 
     Args:
         path: the NNX checkpoint (as written by ``ckptconv linen-to-nnx``).
-        model: the NNX module to fill; its state's shapes and dtypes must match.
+        model: the NNX module to fill (its state's shapes and dtypes must match), or a model
+            adapter (:class:`~ckptconv.models.ModelAdapter`) or its ``"module:function"``
+            spec, whose ``nnx_model()`` (concrete or abstract) is filled and returned.
         optimizer: an ``nnx.Optimizer`` over ``model`` to fill from ``optimizer/...``.
         mesh: restore the model's arrays sharded on this mesh, with shardings computed from
             the variables' logical names and ``rules`` (each device reads only its shard).
@@ -132,11 +134,15 @@ def restore(
             state, for a model without rng streams) are skipped; a leaf the model holds but
             the checkpoint lacks, or of another shape or dtype, is always an error.
 
+    Returns:
+        The filled model.
+
     Raises:
         CheckpointFormatError: when the checkpoint cannot be read.
         PlanError: when the checkpoint's tree does not match the model (every missing, extra
             or mismatched path is named).
         ShardingError: when a dimension is not divisible by its mesh axes.
+        ConfigError: when a ``"module:function"`` spec cannot be loaded.
 
     Example:
         >>> model = Transformer(config, rngs=nnx.Rngs(0))  # doctest: +SKIP
@@ -145,6 +151,7 @@ def restore(
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    model = _as_module(model)
     reader = open_source(path)
     leaves = reader.leaves()
     model_leaves = {p: x for p, x in leaves.items() if p[0] == "model"}
@@ -183,3 +190,17 @@ def restore(
     _fill(model, restored["model"])
     if optimizer is not None:
         _fill(optimizer, restored["optimizer"])
+    return model
+
+
+def _as_module(model: Any) -> Any:
+    """An ``nnx.Module`` as is; an adapter (or its spec) as its ``nnx_model()``."""
+    from flax import nnx
+
+    if isinstance(model, str):
+        from .models.adapter import load_adapter
+
+        model = load_adapter(model)
+    if not isinstance(model, nnx.Module) and callable(getattr(model, "nnx_model", None)):
+        return model.nnx_model()
+    return model

@@ -29,67 +29,31 @@ def pytest_configure(config):  # noqa: D103
         raise RuntimeError(f"tests need 8 simulated CPU devices, JAX sees {jax.device_count()}")
 
 
-TINY = dict(
-    emb_dim=32,
-    num_query_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=64,
-    num_decoder_layers=2,
-    vocab_size=64,
-    dtype="float32",
-    weight_dtype="float32",
-    max_target_length=24,
-    max_prefill_predict_length=8,
-)
-
-
 @pytest.fixture(scope="session")
 def make_config():
     """``make_config(**changes)``: a tiny float32 ModelConfig (fixture-B-like sizes)."""
     from ckptconv.models import ModelConfig
+    from ckptconv.testing import TINY_CONFIG
 
-    return lambda **changes: ModelConfig(**{**TINY, **changes})
+    return lambda **changes: ModelConfig(**{**TINY_CONFIG, **changes})
 
 
 @pytest.fixture(scope="session")
 def random_linen_params():
-    """``random_linen_params(config, seed=0)``: a Linen params tree of random values, fast.
+    """``random_linen_params(config, seed=0)``: see :func:`ckptconv.testing.random_linen_params`."""
+    from ckptconv.testing import random_linen_params
 
-    Shapes come from ``jax.eval_shape`` of ``init`` (no compile); values from numpy, so tests
-    do not pay for compiling random initializers.
-    """
-    import jax.numpy as jnp
-    import numpy as np
-
-    from ckptconv.models import linen
-
-    def make(config, seed=0):
-        tokens = jnp.zeros((1, 2), jnp.int32)
-        shapes = jax.eval_shape(linen.Transformer(config).init, jax.random.key(0), tokens, tokens)
-        rng = np.random.default_rng(seed)
-
-        def value(path, s):
-            noise = rng.standard_normal(s.shape).astype(np.float32)
-            if jax.tree_util.keystr(path).endswith("['scale']"):
-                return jnp.asarray(1 + 0.1 * noise, s.dtype)
-            return jnp.asarray(noise / np.sqrt(s.shape[0]), s.dtype)
-
-        return jax.tree_util.tree_map_with_path(value, shapes["params"])
-
-    return make
+    return random_linen_params
 
 
 # -- a local S3 server (moto) for the object-storage tests ---------------------------------------
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
+
+from ckptconv.testing import start_s3_server, stop_process  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +65,6 @@ class S3Server:
     key_id: str
     secret: str
     region: str = "us-east-1"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (closed again at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -124,23 +81,8 @@ def s3_server():
         import moto.server  # noqa: F401
     except ImportError as e:
         pytest.fail(f"the S3 tests need moto[server] and boto3 (pip install -e '.[test]'): {e}")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, endpoint = start_s3_server()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
-                time.sleep(0.1)
         region = "us-east-1"
         setup = {"endpoint_url": endpoint, "region_name": region}
         iam = boto3.client("iam", aws_access_key_id="x", aws_secret_access_key="x", **setup)
@@ -165,12 +107,7 @@ def s3_server():
         s3.create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture

@@ -113,13 +113,7 @@ def launch(
     if num_processes < 1:
         raise CkptconvError(f"launch: expected at least 1 process, found {num_processes}")
     if command is None:
-        if not args or args[0] not in CONVERT_COMMANDS:
-            found = args[0] if args else "nothing"
-            raise CkptconvError(
-                f"launch: expected a command among {', '.join(CONVERT_COMMANDS)} after --, "
-                f"found {found}"
-            )
-        command = [sys.executable, "-m", "ckptconv.cli"]
+        command = _conversion_command(args)
     port = free_port()
     address = f"127.0.0.1:{port}"
     lock = threading.Lock()
@@ -136,22 +130,8 @@ def launch(
     }
     try:
         for i in range(num_processes):
-            proc = subprocess.Popen(
-                [*command, *args],
-                env={**base_env, "JAX_PROCESS_ID": str(i)},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            procs.append(proc)
-            for source, sink in ((proc.stdout, out), (proc.stderr, err)):
-                pump = threading.Thread(target=_pump, args=(source, sink, f"[{i}] ", lock))
-                pump.daemon = True
-                pump.start()
-                pumps.append(pump)
-            waiter = threading.Thread(target=lambda i=i, p=proc: events.put((i, p.wait())))
-            waiter.daemon = True
-            waiter.start()
+            env_i = {**base_env, "JAX_PROCESS_ID": str(i)}
+            _start_process(i, [*command, *args], env_i, (out, err), lock, events, procs, pumps)
         with lock:
             pids = ", ".join(str(p.pid) for p in procs)
             err.write(
@@ -176,6 +156,51 @@ def launch(
             )
             err.flush()
     return status
+
+
+def _conversion_command(args: Sequence[str]) -> list[str]:
+    """``python -m ckptconv.cli``, once ``args`` is checked to start with a conversion command."""
+    if not args or args[0] not in CONVERT_COMMANDS:
+        found = args[0] if args else "nothing"
+        raise CkptconvError(
+            f"launch: expected a command among {', '.join(CONVERT_COMMANDS)} after --, "
+            f"found {found}"
+        )
+    return [sys.executable, "-m", "ckptconv.cli"]
+
+
+def _start_process(
+    index: int,
+    argv: list[str],
+    env: dict[str, str],
+    sinks: tuple[IO[str], IO[str]],
+    lock: threading.Lock,
+    events: queue.Queue[tuple[int, int]],
+    procs: list[subprocess.Popen],
+    pumps: list[threading.Thread],
+) -> None:
+    """Starts process ``index`` of a launch.
+
+    The process goes into ``procs`` at once (so that an interrupt stops it); its output and
+    error are pumped into ``sinks`` prefixed ``[index]`` (the threads go into ``pumps``), and
+    ``(index, returncode)`` is put on ``events`` when it exits.
+    """
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    procs.append(proc)
+    for source, sink in zip((proc.stdout, proc.stderr), sinks, strict=True):
+        pump = threading.Thread(target=_pump, args=(source, sink, f"[{index}] ", lock))
+        pump.daemon = True
+        pump.start()
+        pumps.append(pump)
+    waiter = threading.Thread(target=lambda: events.put((index, proc.wait())))
+    waiter.daemon = True
+    waiter.start()
 
 
 def _supervise(

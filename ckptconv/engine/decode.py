@@ -19,7 +19,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..errors import EngineError
-from ..models import ModelConfig
 from ..sharding import LogicalAxisRules, ShardingFallbackWarning, make_mesh
 from .engine import Engine
 from .sampling import GREEDY, Sampler
@@ -107,7 +106,7 @@ def check_request(
     if not 1 <= max_new_tokens <= engine.max_decode_steps + 1:
         raise EngineError(
             f"--max-new-tokens {max_new_tokens} is outside [1, {engine.max_decode_steps + 1}] "
-            "(max_target_length - max_prefill_predict_length + 1 for this config)"
+            "(max_target_length - max_prefill_length + 1 for this model)"
         )
     return engine.pad_tokens(list(prompt_ids))
 
@@ -168,7 +167,7 @@ def decode(
 
 def decode_checkpoint(
     ckpt: str | os.PathLike,
-    config: ModelConfig,
+    model: Any,
     prompt_ids: Sequence[int],
     *,
     max_new_tokens: int = 8,
@@ -181,7 +180,7 @@ def decode_checkpoint(
 
     Args:
         ckpt: The checkpoint.
-        config: Its model config.
+        model: A model adapter, or a ``ModelConfig`` (the reference decoder's adapter).
         prompt_ids: The prompt.
         max_new_tokens: Tokens to produce.
         mesh: A mesh, or its text (``"data=2,tensor=4"``); None: one device.
@@ -200,7 +199,7 @@ def decode_checkpoint(
     with warnings.catch_warnings():
         # Reported in the result instead, so the CLI's stderr holds only errors.
         warnings.simplefilter("ignore", ShardingFallbackWarning)
-        engine = Engine(config, mesh=mesh, rules=rules, max_concurrent_decodes=1)
+        engine = Engine(model, mesh=mesh, rules=rules, max_concurrent_decodes=1)
     check_request(engine, prompt_ids, max_new_tokens)
     start = time.perf_counter()
     params = engine.load_params(ckpt)

@@ -1,9 +1,12 @@
 """The NNX inference engine, with JetStream's interface and continuous batching.
 
-:class:`Engine` splits the NNX :class:`~ckptconv.models.nnx.Transformer` once into a graph
+:class:`Engine` runs any NNX model a :class:`~ckptconv.models.ModelAdapter` describes (a
+``ModelConfig`` selects the reference decoder's adapter). It splits the model once into a graph
 definition and states (``nnx.split``) and merges them inside its jitted functions
 (``nnx.merge``), so no Python model object is rebuilt per step. Parameters are jit arguments,
-never closed-over constants.
+never closed-over constants. How the cache is built, prefilled and copied into a slot depends
+on the adapter's cache protocol (:mod:`ckptconv.engine.backends`); what follows describes the
+``nnx.Cache``-variable protocol of the reference decoder.
 
 - ``prefill`` runs one prompt through a batch-1 ``prefill``-mode model. Prompts are padded to
   power-of-two buckets (at least :data:`MIN_BUCKET`, at most ``max_prefill_predict_length``), so
@@ -36,30 +39,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
-from ..errors import EngineError
-from ..models import ModelConfig, layout
-from ..sharding import (
-    Fallback,
-    LogicalAxisRules,
-    ar_kv_cache_partition_specs,
-    get_preset,
-    make_mesh,
-    param_partition_specs,
-    prefill_kv_cache_partition_specs,
-)
+from ..errors import ConfigError, EngineError
+from ..models.adapter import as_adapter, check_engine_support, describe
+from ..sharding import Fallback, LogicalAxisRules, get_preset, make_mesh
 from . import params as P
+from .backends import CacheVariableBackend, ExplicitCacheBackend
 from .sampling import GREEDY, Sampler, sample
 from .state import DecodeState, Prefix, ResultTokens
 
 MIN_BUCKET = 8
 """Smallest prefill bucket: shorter prompts pad to this length."""
-
-# AR keys and values a prefix leaves out: insert resets the slot's AR index, which masks them.
-_STALE_AR = ("cached_ar_key", "cached_ar_value")
-_PREFIX_FILTER = nnx.All(nnx.Cache, nnx.Not(nnx.Any(*(nnx.PathContains(n) for n in _STALE_AR))))
 
 
 def prefill_buckets(max_prefill_length: int) -> tuple[int, ...]:
@@ -78,10 +69,11 @@ def prefill_buckets(max_prefill_length: int) -> tuple[int, ...]:
 
 
 class Engine:
-    """Prefill, insert and generate for the NNX decoder (JetStream's engine API).
+    """Prefill, insert and generate for an NNX model (JetStream's engine API).
 
     Args:
-        config: The model config.
+        model: A model adapter supporting one of the engine's cache protocols, or a
+            ``ModelConfig`` (the reference decoder's adapter).
         mesh: The device mesh; ``None`` uses one device.
         rules: Logical axis rules, or a preset name (``maxtext``, ``fsdp-tp``).
         max_concurrent_decodes: Decode slots N (rows of the AR KV cache).
@@ -89,12 +81,13 @@ class Engine:
             instead of raising :class:`~ckptconv.errors.ShardingError`.
 
     Raises:
-        EngineError: ``max_concurrent_decodes`` is not positive.
+        EngineError: ``max_concurrent_decodes`` is not positive, or the adapter supports no
+            cache protocol or has a cache without a findable slot axis.
         ShardingError: Unknown rules, or an indivisible dimension when not replicating.
         ConfigError: The config leaves no room for an AR cache.
 
     Example:
-        >>> from ckptconv.models import linen
+        >>> from ckptconv.models import ModelConfig, linen
         >>> config = ModelConfig(emb_dim=32, num_query_heads=4, num_kv_heads=1, head_dim=8,
         ...                      mlp_dim=64, num_decoder_layers=1, vocab_size=64,
         ...                      dtype="float32", max_target_length=24,
@@ -113,7 +106,7 @@ class Engine:
 
     def __init__(
         self,
-        config: ModelConfig,
+        model: Any,
         *,
         mesh: Mesh | None = None,
         rules: str | LogicalAxisRules = "maxtext",
@@ -124,47 +117,55 @@ class Engine:
             raise EngineError(
                 f"max_concurrent_decodes must be positive, got {max_concurrent_decodes}"
             )
-        self._config = config
+        self._adapter = as_adapter(model)
+        kind = check_engine_support(self._adapter)
         self._slots = int(max_concurrent_decodes)
+        self._vocab = int(self._adapter.vocab_size)
+        self._max_prefill = int(self._adapter.max_prefill_length)
+        self._max_decode = int(self._adapter.max_target_length) - self._max_prefill
         self._mesh = mesh if mesh is not None else make_mesh("data=1", jax.devices()[:1])
         self._rules = get_preset(rules) if isinstance(rules, str) else rules
-        self._buckets = prefill_buckets(config.max_prefill_predict_length)
+        self._buckets = prefill_buckets(self._max_prefill)
         self.fallbacks: list[Fallback] = []
         """Dimensions replicated because the mesh does not divide them."""
 
-        ar = P.abstract_model(config, model_mode="autoregressive", cache_batch=self._slots)
-        prefill = P.abstract_model(config, model_mode="prefill", cache_batch=1)
-        self._ar_graphdef, self._abstract_params, self._abstract_cache = nnx.split(
-            ar, nnx.Param, nnx.Cache
-        )
-        self._prefill_graphdef, _, self._abstract_prefill_cache = nnx.split(
-            prefill, nnx.Param, nnx.Cache
-        )
-        abstract_prefix = nnx.state(prefill, _PREFIX_FILTER)
-        self._slot_axes = {
-            path: var.get_metadata()["out_sharding"].index(layout.CACHE_BATCH)
-            for path, var in P.variables_by_path(self._abstract_cache).items()
-        }
-
         kw = {"replicate_indivisible": replicate_indivisible, "report": self.fallbacks}
-        mesh_, rules_ = self._mesh, self._rules
-        self._param_shardings = P.sharding_state(
-            self._abstract_params, param_partition_specs(ar, rules_, mesh_, **kw), mesh_
-        )
-        cache_shardings = P.sharding_state(
-            self._abstract_cache, ar_kv_cache_partition_specs(ar, rules_, mesh_, **kw), mesh_
-        )
-        prefix_specs = prefill_kv_cache_partition_specs(prefill, rules_, mesh_, **kw)
-        rep = P.replicated(mesh_)
-        self._state_shardings = DecodeState(cache_shardings, rep, rep, rep, rep, rep)
-        prefix_shardings = Prefix(
-            P.sharding_state(abstract_prefix, prefix_specs, mesh_), rep, rep, rep
-        )
+        backend = CacheVariableBackend if kind == "variables" else ExplicitCacheBackend
+        self._backend = backend(self._adapter, self._slots, self._mesh, self._rules, kw)
+        if self._max_decode < 1:
+            raise ConfigError(
+                f"model {describe(self._adapter)}: max_target_length "
+                f"{self._adapter.max_target_length} must exceed max_prefill_length "
+                f"{self._max_prefill} for an AR cache"
+            )
+        self._abstract_params = self._backend.abstract_params
+        self._param_shardings = self._backend.param_shardings
+        self.build_programs(self._backend.cache_shardings, self._backend.prefix_shardings)
+        self._no_key = jax.random.key(0)
+        # The prefill and AR caches both hold the prefill variables: report each once.
+        self.fallbacks[:] = list(dict.fromkeys(self.fallbacks))
 
+    def build_programs(self, cache_shardings: Any, prefix_cache_shardings: Any = None) -> None:
+        """(Re)builds the jitted ``init``, ``prefill``, ``insert``, ``generate`` and ``free``.
+
+        The constructor calls it with the backend's shardings. A subclass that swaps the
+        model calls (``_prefill_impl``, ``_generate_impl``, ...; e.g. the Linen engine of
+        ``benchmarks/bench_engine.py``) calls it again so that its programs are jitted,
+        sharded and donated exactly as this class's.
+
+        Args:
+            cache_shardings: ``NamedSharding`` tree of the decode state's cache; the other
+                decode-state fields and the logits are replicated.
+            prefix_cache_shardings: the same for a prefill's cache, or ``None`` to leave the
+                prefix's placement to XLA.
+        """
+        rep = P.replicated(self._mesh)
+        self._state_shardings = DecodeState(cache_shardings, rep, rep, rep, rep, rep)
+        prefill_out = {}
+        if prefix_cache_shardings is not None:
+            prefill_out["out_shardings"] = (Prefix(prefix_cache_shardings, rep, rep, rep), rep)
         self._init_jit = jax.jit(self._init_impl, out_shardings=self._state_shardings)
-        self._prefill_jit = jax.jit(
-            self._prefill_impl, static_argnames="sampler", out_shardings=(prefix_shardings, rep)
-        )
+        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames="sampler", **prefill_out)
         self._insert_jit = jax.jit(
             self._insert_impl, donate_argnums=1, out_shardings=self._state_shardings
         )
@@ -177,15 +178,17 @@ class Engine:
         self._free_jit = jax.jit(
             self._free_impl, donate_argnums=0, out_shardings=self._state_shardings
         )
-        self._no_key = jax.random.key(0)
-        # The prefill and AR caches both hold the prefill variables: report each once.
-        self.fallbacks[:] = list(dict.fromkeys(self.fallbacks))
 
     # -- properties ---------------------------------------------------------------------------
     @property
-    def config(self) -> ModelConfig:
-        """The model config."""
-        return self._config
+    def config(self) -> Any:
+        """The adapter's model config (``None`` for an adapter without one)."""
+        return getattr(self._adapter, "config", None)
+
+    @property
+    def adapter(self) -> Any:
+        """The model adapter."""
+        return self._adapter
 
     @property
     def max_concurrent_decodes(self) -> int:
@@ -200,12 +203,12 @@ class Engine:
     @property
     def max_prefill_length(self) -> int:
         """Longest prompt (``max_prefill_predict_length``)."""
-        return self._config.max_prefill_predict_length
+        return self._max_prefill
 
     @property
     def max_decode_steps(self) -> int:
         """Generate steps a slot can take after its prefill (the AR cache length)."""
-        return self._config.ar_cache_length
+        return self._max_decode
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -252,7 +255,7 @@ class Engine:
         """
         return P.load_params(
             source,
-            config=self._config,
+            model=self._adapter,
             abstract=self._abstract_params,
             shardings=self._param_shardings,
         )
@@ -295,11 +298,10 @@ class Engine:
         return padded, n
 
     def _check_ids(self, ids: np.ndarray) -> None:
-        bad = (ids < 0) | (ids >= self._config.vocab_size)
+        bad = (ids < 0) | (ids >= self._vocab)
         if bad.any():
             raise EngineError(
-                f"token id {int(ids[bad][0])} is outside the vocabulary [0, "
-                f"{self._config.vocab_size})"
+                f"token id {int(ids[bad][0])} is outside the vocabulary [0, {self._vocab})"
             )
 
     def _key(self, sampler: Sampler, rng: jax.Array | None) -> jax.Array:
@@ -423,10 +425,10 @@ class Engine:
 
     # -- jitted bodies ------------------------------------------------------------------------
     def _init_impl(self) -> DecodeState:
-        n, v = self._slots, self._config.vocab_size
+        n, v = self._slots, self._vocab
         zeros = jnp.zeros((n,), jnp.int32)
         return DecodeState(
-            cache=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_cache),
+            cache=self._backend.init_cache(),
             tokens=zeros,
             positions=zeros,
             generated=zeros,
@@ -437,30 +439,16 @@ class Engine:
     def _prefill_impl(
         self, params: Any, tokens: jax.Array, true_length: jax.Array, rng: jax.Array, *, sampler
     ) -> tuple[Prefix, ResultTokens]:
-        length = tokens.shape[1]
-        index = jnp.arange(length, dtype=jnp.int32)[None]
-        segments = (index < true_length).astype(jnp.int32)
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_prefill_cache)
-        model = nnx.merge(self._prefill_graphdef, params, cache)
-        logits = model(tokens, index, segments, model_mode="prefill")
+        logits, prefix_cache = self._backend.prefill(params, tokens, true_length)
         last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, axis=0, keepdims=True)
         token = sample(last, sampler, rng)
         one = jnp.ones((1,), jnp.int32)
-        prefix = Prefix(nnx.state(model, _PREFIX_FILTER), token, true_length, last)
+        prefix = Prefix(prefix_cache, token, true_length, last)
         return prefix, ResultTokens(jnp.stack([token, one, one], axis=1))
 
     def _insert_impl(self, prefix: Prefix, state: DecodeState, slot: jax.Array) -> DecodeState:
-        rows = {p: v.get_value() for p, v in P.variables_by_path(prefix.cache).items()}
-
-        def put(path: P.Path, var: nnx.Variable) -> jax.Array:
-            value = var.get_value()
-            if path not in rows:
-                return value
-            row = rows[path].astype(value.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(value, row, slot, self._slot_axes[path])
-
         return DecodeState(
-            cache=P.state_like(state.cache, put),
+            cache=self._backend.insert(prefix.cache, state.cache, slot),
             tokens=state.tokens.at[slot].set(prefix.token[0]),
             positions=state.positions.at[slot].set(prefix.true_length),
             generated=state.generated.at[slot].set(1),
@@ -471,15 +459,14 @@ class Engine:
     def _generate_impl(
         self, params: Any, state: DecodeState, rng: jax.Array, *, sampler
     ) -> tuple[DecodeState, ResultTokens]:
-        model = nnx.merge(self._ar_graphdef, params, state.cache)
         tokens, positions = state.tokens[:, None], state.positions[:, None]
-        logits = model(tokens, positions, model_mode="autoregressive")[:, 0]
+        logits, cache = self._backend.generate(params, state.cache, tokens, positions)
         new = sample(logits, sampler, rng)
         # A slot has room while its generate steps so far (generated - 1) fit the AR cache.
         valid = state.active & (state.generated - 1 < self.max_decode_steps)
         generated = jnp.where(valid, state.generated + 1, state.generated)
         next_state = DecodeState(
-            cache=nnx.state(model, nnx.Cache),
+            cache=cache,
             tokens=jnp.where(valid, new, state.tokens),
             positions=jnp.where(valid, state.positions + 1, state.positions),
             generated=generated,

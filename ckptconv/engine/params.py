@@ -11,6 +11,10 @@ Sources, all checked against the abstract NNX model before any array is placed:
 - a Linen ``params`` tree (a mapping, optionally wrapped in ``{"params": ...}``), whose stacked
   layer axis is at ``param_scan_axis``.
 
+The model comes from a :class:`~ckptconv.models.ModelAdapter`. Linen sources need an adapter
+that converts Linen params (``linen_param_shapes``, ``from_linen_params`` and
+``convert_options``, as the reference adapter has); any adapter loads NNX sources.
+
 The helpers :func:`state_like` and :func:`sharding_state` build trees shaped exactly like an
 ``nnx.State`` (same variables and metadata), which is what ``jax.jit``'s ``out_shardings`` and
 Orbax's restore targets need.
@@ -23,14 +27,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import CkptconvError, LayoutError, PlanError
-from ..models import ModelConfig, from_linen_params, linen
-from ..models import nnx as mnnx
+from ..models.adapter import as_adapter, describe
 
 Path = tuple[str, ...]
 
@@ -75,7 +77,8 @@ def lookup(tree: Mapping[str, Any], path: Path) -> Any:
     """The leaf of a nested dict at ``path``."""
     node: Any = tree
     for key in path:
-        node = node[key]
+        # Paths are names; pure dicts key list entries (nnx.List, ModuleList) by int.
+        node = node[key] if key in node or not key.isdigit() else node[int(key)]
     return node
 
 
@@ -99,9 +102,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def abstract_model(config: ModelConfig, **kwargs: Any) -> mnnx.Transformer:
-    """The NNX ``Transformer`` traced abstractly (``nnx.eval_shape``): shapes, no arrays."""
-    return nnx.eval_shape(lambda: mnnx.Transformer(config, rngs=nnx.Rngs(0), **kwargs))
+def abstract_model(model: Any, *, model_mode: str = "train", cache_batch: int = 1) -> Any:
+    """The adapter's NNX model, abstract: ``nnx_model()`` in train mode, else its cached model.
+
+    Args:
+        model: A ``ModelConfig`` (the default adapter) or a model adapter.
+        model_mode: ``train``, ``prefill`` or ``autoregressive``.
+        cache_batch: Cache rows of an inference-mode model.
+    """
+    adapter = as_adapter(model)
+    if model_mode == "train":
+        return adapter.nnx_model()
+    return adapter.nnx_cached_model(mode=model_mode, batch=cache_batch)
 
 
 def _check_tree(expected: Any, got: Any, where: str) -> None:
@@ -120,12 +132,27 @@ def _check_tree(expected: Any, got: Any, where: str) -> None:
             )
 
 
-def linen_shapes(config: ModelConfig) -> dict[Path, Any]:
-    """The Linen model's params as ``{path: ShapeDtypeStruct}`` (traced, nothing computed)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    init = linen.Transformer(config).init
-    shapes = jax.eval_shape(init, jax.random.key(0), tokens, tokens)["params"]
-    return traverse_util.flatten_dict(dict(shapes))
+_LINEN_METHODS = ("linen_param_shapes", "from_linen_params", "convert_options")
+
+
+def _linen_support(adapter: Any, what: str) -> None:
+    lacks = [n for n in _LINEN_METHODS if not callable(getattr(adapter, n, None))]
+    if lacks:
+        raise LayoutError(
+            f"{what}: model {describe(adapter)} cannot load Linen params (it lacks "
+            f"{', '.join(lacks)}); convert with ckptconv linen-to-nnx and load the NNX checkpoint"
+        )
+
+
+def linen_shapes(model: Any) -> dict[Path, Any]:
+    """The Linen model's params as ``{path: ShapeDtypeStruct}`` (traced, nothing computed).
+
+    Args:
+        model: A ``ModelConfig`` or an adapter with ``linen_param_shapes``.
+    """
+    adapter = as_adapter(model)
+    _linen_support(adapter, "Linen params")
+    return adapter.linen_param_shapes()
 
 
 def check_linen_params(want: Mapping[Path, Any], tree: Mapping[Any, Any], where: str) -> None:
@@ -156,25 +183,38 @@ def _place(abstract: Any, values: Any, shardings: Any) -> Any:
     return state_like(abstract, lambda path, _: jax.device_put(by_path[path], placement[path]))
 
 
-def _from_nnx_checkpoint(path: str, config: ModelConfig, shardings: Any) -> Any:
+def _from_nnx_checkpoint(path: str, adapter: Any, shardings: Any) -> Any:
     from .. import restore  # the public ``ckptconv.restore`` function
 
-    model = abstract_model(config)
-    # A train-mode model holds only the params; its pure dict is the shardings' shape.
-    restore(path, model, shardings=nnx.to_pure_dict(shardings), strict=False)
+    model = adapter.nnx_model()
+    params = nnx.to_pure_dict(shardings)
+    rep = _first_mesh_sharding(shardings)
+    # Other variables (rng state, counters) are restored replicated; the params into shardings.
+    full = _merge_shardings(nnx.to_pure_dict(nnx.state(model)), params, rep)
+    restore(path, model, shardings=full, strict=False)
     return nnx.state(model, nnx.Param)
 
 
-def _from_linen_checkpoint(reader: Any, config: ModelConfig, abstract: Any, shardings: Any) -> Any:
+def _first_mesh_sharding(shardings: Any) -> Any:
+    leaves = [v.get_value() for v in variables_by_path(shardings).values()]
+    return replicated(leaves[0].mesh) if leaves else None
+
+
+def _merge_shardings(node: Any, sub: Any, rep: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _merge_shardings(v, None if not isinstance(sub, dict) else sub.get(k), rep)
+            for k, v in node.items()
+        }
+    return sub if sub is not None else rep
+
+
+def _from_linen_checkpoint(reader: Any, adapter: Any, abstract: Any, shardings: Any) -> Any:
     from ..convert import ConvertOptions, abstract_tree_leaves, check_against, plan_linen_to_nnx
     from ..convert.expr import evaluate
 
-    options = ConvertOptions(
-        params_only=True,
-        scan_layers=config.scan_layers,
-        linen_scan_axis=config.param_scan_axis,
-        nnx_scan_axis=config.nnx_scan_axis,
-    )
+    _linen_support(adapter, str(reader.location))
+    options = ConvertOptions(params_only=True, **adapter.convert_options())
     where = str(reader.location)
     plan = plan_linen_to_nnx(reader.leaves(), reader.custom_metadata, options, where=where)
     target = abstract_tree_leaves(nnx.to_pure_dict(abstract))
@@ -194,13 +234,13 @@ def _from_linen_checkpoint(reader: Any, config: ModelConfig, abstract: Any, shar
 
 
 def load_params(
-    source: str | os.PathLike | Any, *, config: ModelConfig, abstract: Any, shardings: Any
+    source: str | os.PathLike | Any, *, model: Any, abstract: Any, shardings: Any
 ) -> Any:
     """Loads parameters from any supported source (see module) into ``shardings``.
 
     Args:
         source: A checkpoint path, an ``nnx.State`` / ``nnx.Module``, or a Linen params tree.
-        config: The model config.
+        model: A model adapter (or a ``ModelConfig``: the default adapter).
         abstract: The abstract ``nnx.Param`` state of the model.
         shardings: A tree of ``NamedSharding`` shaped like ``abstract``.
 
@@ -213,6 +253,7 @@ def load_params(
             the mismatched leaves).
         LayoutError: An in-memory tree does not match the model.
     """
+    adapter = as_adapter(model)
     if isinstance(source, str | os.PathLike):
         from ..convert import detect_layout
         from ..io.sources import open_source
@@ -223,8 +264,8 @@ def load_params(
         except CkptconvError as e:
             raise PlanError(f"{reader.location}: not a checkpoint ckptconv can decode: {e}") from e
         if layout == "nnx":
-            return _from_nnx_checkpoint(os.fspath(source), config, shardings)
-        return _from_linen_checkpoint(reader, config, abstract, shardings)
+            return _from_nnx_checkpoint(os.fspath(source), adapter, shardings)
+        return _from_linen_checkpoint(reader, adapter, abstract, shardings)
     if isinstance(source, nnx.Module):
         source = nnx.state(source, nnx.Param)
     if isinstance(source, nnx.State):
@@ -234,8 +275,8 @@ def load_params(
     if isinstance(source, Mapping):
         if set(source) == {"params"}:
             source = source["params"]
-        check_linen_params(linen_shapes(config), source, "Linen params")
-        values = nnx.state(from_linen_params(config, source), nnx.Param)
+        check_linen_params(linen_shapes(adapter), source, "Linen params")
+        values = adapter.from_linen_params(source)
         return _place(abstract, values, shardings)
     raise LayoutError(
         f"cannot load params from a {type(source).__name__}: expected a checkpoint path, an "

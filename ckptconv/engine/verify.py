@@ -1,13 +1,14 @@
 """Verify a conversion by decoding, as two separate questions with their own tolerances.
 
-1. **Weights check**: does the NNX checkpoint hold the Linen weights? The Linen reference
-   ``Transformer`` decodes greedily on the Linen params as stored (only the layout parse picks
-   which leaves are params; none of the conversion's rules run), with full forward passes: every
-   step reruns the whole sequence, padded to one fixed length so that it compiles once (causal
-   attention makes the padding invisible). Then one more Linen full forward pass and one NNX
-   full forward pass (the NNX twin holding the params restored from the NNX checkpoint) run on
-   the same final sequence, the prompt plus the Linen side's greedy tokens (teacher forcing: one
-   step's disagreement does not cascade into the next), and the logits of the generated
+1. **Weights check**: does the NNX checkpoint hold the Linen weights? The adapter's Linen
+   forward (the reference Linen ``Transformer`` by default) decodes greedily on the Linen
+   params as stored (only the layout parse picks which leaves are params; none of the
+   conversion's rules run), with full forward passes: every step reruns the whole sequence,
+   padded to one fixed length so that it compiles once (causal attention makes the padding
+   invisible). Then one more Linen full forward pass and one NNX full forward pass (the
+   adapter's NNX model holding the params restored from the NNX checkpoint) run on the same
+   final sequence, the prompt plus the Linen side's greedy tokens (teacher forcing: one step's
+   disagreement does not cascade into the next), and the logits of the generated
    positions are compared.
 
    Both twins run :mod:`ckptconv.models.math` in the same order, so on the same weights their
@@ -39,9 +40,11 @@
 The logit scale is ``max(1, max |logit|)`` over the compared rows of the reference side. The
 verdict holds when both checks pass.
 
-The forward passes are small callables (:data:`Forward`), built by :func:`linen_forward` and
-:func:`nnx_forward` and injectable into :func:`verify`, so that other model code can take the
-reference twins' place.
+The model is a :class:`~ckptconv.models.ModelAdapter` (a ``ModelConfig`` selects the reference
+decoder's). The forward passes are small callables (:data:`Forward`), built from the adapter's
+``linen_forward`` and ``nnx_forward`` by :func:`linen_forward` and :func:`nnx_forward`, and
+injectable into :func:`verify`. An adapter that supports no engine cache protocol gets the
+weights check only (the decode check is then reported as skipped and does not vote).
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
-from ..errors import LayoutError, PlanError
-from ..models import ModelConfig, linen
+from ..errors import ConfigError, LayoutError, PlanError
+from ..models.adapter import as_adapter, describe, engine_kind
+from . import params as P
 from .decode import check_request, decode
 from .engine import Engine
-from .params import abstract_model, check_linen_params, linen_shapes
+from .params import check_linen_params
 
 WEIGHTS_ULPS = 4
 """Weights-check tolerance, in float32 ulps (machine epsilons) of the logit scale."""
@@ -193,10 +197,12 @@ class VerifyResult:
     Attributes:
         prompt_ids: The prompt.
         linen_ids: Tokens the Linen model picked (full forward passes, greedy).
-        engine_ids: Tokens the engine picked from the NNX checkpoint (greedy, KV cache).
+        engine_ids: Tokens the engine picked from the NNX checkpoint (greedy, KV cache);
+            empty when the decode check is skipped.
         dtype: The activation dtype.
         weights: Linen full forward against NNX full forward.
-        decode: The engine's cached decode against the NNX full forward.
+        decode: The engine's cached decode against the NNX full forward; None (skipped) for a
+            model adapter that supports no engine cache protocol.
     """
 
     prompt_ids: list[int]
@@ -204,7 +210,7 @@ class VerifyResult:
     engine_ids: list[int]
     dtype: str
     weights: WeightsCheck
-    decode: DecodeCheck
+    decode: DecodeCheck | None
 
     @property
     def tokens_agree(self) -> bool:
@@ -213,11 +219,29 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        """The verdict: both checks pass."""
-        return self.weights.ok and self.decode.ok
+        """The verdict: both checks pass (the weights check alone when decode is skipped)."""
+        return self.weights.ok and (self.decode is None or self.decode.ok)
+
+    def _weights_lines(self) -> list[str]:
+        w = self.weights
+        out = [
+            f"step {i}: linen {a} weights max|diff|={dw:.3g}"
+            for i, (a, dw) in enumerate(zip(self.linen_ids, w.max_abs_diff, strict=True))
+        ]
+        worst_w = float(np.max(w.max_abs_diff))
+        out.append(
+            f"weights: {_word(w.ok)}, Linen vs NNX full forward on the Linen tokens: "
+            f"max|diff|={worst_w:.3g} {'<=' if w.ok else '>'} atol={w.atol:.3g} "
+            f"({WEIGHTS_ULPS} float32 eps x logit scale {w.logit_scale:.3g})"
+        )
+        out.append("decode: skipped, the model adapter supports no engine cache protocol")
+        out.append(f"{'agree' if self.ok else 'DIFFERENT'}: weights {_word(w.ok)} ({self.dtype})")
+        return out
 
     def lines(self) -> list[str]:
         """The text report: one line per step, one per check with its tolerance, the verdict."""
+        if self.decode is None:
+            return self._weights_lines()
         w, d = self.weights, self.decode
         out = [
             f"step {i}: linen {a} engine {b} weights max|diff|={dw:.3g} "
@@ -261,11 +285,11 @@ class VerifyResult:
             "engine_ids": self.engine_ids,
             "tokens_agree": self.tokens_agree,
             "steps_agreeing": sum(
-                a == b for a, b in zip(self.linen_ids, self.engine_ids, strict=True)
+                a == b for a, b in zip(self.linen_ids, self.engine_ids, strict=False)
             ),
             "dtype": self.dtype,
             "weights": self.weights.to_dict(),
-            "decode": self.decode.to_dict(),
+            "decode": None if self.decode is None else self.decode.to_dict(),
         }
 
 
@@ -326,12 +350,13 @@ def compare_decode(
     )
 
 
-def read_linen_params(path: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
-    """Reads the params of a Linen checkpoint as stored, checked against ``config``.
+def read_linen_params(path: str | os.PathLike, model: Any) -> dict[str, Any]:
+    """Reads the params of a Linen checkpoint as stored, checked against the model.
 
     Args:
         path: A MaxText or Flax ``TrainState`` checkpoint.
-        config: The model config; the params must match the Linen model's tree.
+        model: A ``ModelConfig`` or a model adapter; with ``linen_param_shapes`` (as the
+            reference adapter has), the params must match the Linen model's tree.
 
     Returns:
         The Linen ``params`` tree (numpy arrays).
@@ -345,31 +370,46 @@ def read_linen_params(path: str | os.PathLike, config: ModelConfig) -> dict[str,
     from ..convert.plan import parse_source
     from ..io.sources import open_source
 
+    adapter = as_adapter(model)
     source = open_source(path)
     where = str(source.location)
     tree = parse_source(source.leaves(), source.custom_metadata, None, where)
     if tree.info.get("source_layout") == "nnx":
         raise PlanError(f"{where}: is an NNX checkpoint; the reference side needs a Linen one")
     exprs = tree.params()
-    try:
-        check_linen_params(linen_shapes(config), exprs, where)
-    except LayoutError as e:
-        raise PlanError(str(e)) from e
+    if callable(getattr(adapter, "linen_param_shapes", None)):
+        try:
+            check_linen_params(adapter.linen_param_shapes(), exprs, where)
+        except LayoutError as e:
+            raise PlanError(str(e)) from e
     return traverse_util.unflatten_dict({p: evaluate(e, source.read) for p, e in exprs.items()})
 
 
-def linen_forward(config: ModelConfig) -> Forward:
-    """The Linen ``Transformer``'s full forward pass on a Linen ``params`` tree."""
-    model = linen.Transformer(config)
+def linen_forward(model: Any) -> Forward:
+    """The adapter's Linen full forward pass on a Linen ``params`` tree.
+
+    Raises:
+        ConfigError: The adapter has no ``linen_forward``.
+    """
+    adapter = as_adapter(model)
+    if not callable(getattr(adapter, "linen_forward", None)):
+        raise ConfigError(
+            f"model {describe(adapter)}: lacks linen_forward, which verify needs to run the "
+            "Linen side"
+        )
     # Params are jit arguments, as in the engine, so XLA does not constant-fold them.
-    fn = jax.jit(lambda p, t, pos: model.apply({"params": p}, t, pos))
+    fn = jax.jit(adapter.linen_forward)
     return lambda params, tokens, positions: np.asarray(fn(params, tokens, positions))
 
 
-def nnx_forward(config: ModelConfig) -> Forward:
-    """The NNX twin's full forward pass (train mode) on an ``nnx.Param`` state."""
-    graphdef, _ = nnx.split(abstract_model(config), nnx.Param)
-    fn = jax.jit(lambda state, t, pos: nnx.merge(graphdef, state)(t, pos))
+def nnx_forward(model: Any) -> Forward:
+    """The adapter's NNX full forward pass on an ``nnx.Param`` state."""
+    adapter = as_adapter(model)
+    graphdef, _, other = nnx.split(adapter.nnx_model(), nnx.Param, ...)
+    other = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), other)
+    fn = jax.jit(
+        lambda state, t, pos: adapter.nnx_forward(nnx.merge(graphdef, state, other), t, pos)
+    )
     return lambda state, tokens, positions: np.asarray(fn(state, tokens, positions))
 
 
@@ -407,17 +447,39 @@ def _rows(forward: Forward, weights: Any, prompt: Sequence[int], ids: Sequence[i
     return np.asarray(forward(weights, sequence, positions)[0, n - 1 :], np.float32)
 
 
-def default_prompt(config: ModelConfig) -> list[int]:
+def default_prompt(model: Any) -> list[int]:
     """A fixed prompt of up to 8 tokens that fits any vocabulary and prefill length."""
-    return [
-        (7 * i + 3) % config.vocab_size for i in range(min(8, config.max_prefill_predict_length))
-    ]
+    adapter = as_adapter(model)
+    vocab = int(adapter.vocab_size)
+    longest = int(getattr(adapter, "max_prefill_length", 8))
+    return [(7 * i + 3) % vocab for i in range(min(8, longest))]
+
+
+def _activation_dtype(adapter: Any, nnx_fwd: Forward, params: Any, prompt: list[int]) -> Any:
+    dtype = getattr(adapter, "activation_dtype", None)
+    if dtype is not None:
+        return dtype
+    # Without one, the logits' own dtype sets the tolerance.
+    tokens = np.asarray([prompt], np.int32)
+    return np.asarray(nnx_fwd(params, tokens, np.arange(len(prompt))[None])).dtype
+
+
+def _load_nnx(adapter: Any, nnx_ckpt: Any, mesh: Mesh | None) -> Any:
+    """The NNX checkpoint restored into ``nnx_model()``'s params, without an engine."""
+    from ..sharding import get_preset, make_mesh, param_partition_specs
+
+    model = adapter.nnx_model()
+    mesh = mesh if mesh is not None else make_mesh("data=1", jax.devices()[:1])
+    abstract = nnx.state(model, nnx.Param)
+    specs = param_partition_specs(model, get_preset("maxtext"), mesh, replicate_indivisible=True)
+    shardings = P.sharding_state(abstract, specs, mesh)
+    return P.load_params(nnx_ckpt, model=adapter, abstract=abstract, shardings=shardings)
 
 
 def verify(
     linen_ckpt: str | os.PathLike,
     nnx_ckpt: str | os.PathLike,
-    config: ModelConfig,
+    model: Any,
     *,
     prompt_ids: Sequence[int] | None = None,
     max_new_tokens: int = 8,
@@ -431,7 +493,7 @@ def verify(
     Args:
         linen_ckpt: The Linen source checkpoint.
         nnx_ckpt: The NNX checkpoint converted from it.
-        config: The model config.
+        model: A model adapter, or a ``ModelConfig`` (the reference decoder's adapter).
         prompt_ids: The prompt (default: :func:`default_prompt`).
         max_new_tokens: Steps to compare.
         atol: Overrides the decode check's tolerance (absolute, on logits); None: the
@@ -446,8 +508,9 @@ def verify(
         Both checks; ``result.ok`` is the verdict.
 
     Raises:
-        CkptconvError: A bad prompt, an unreadable or mismatched checkpoint, or an
-            ``nnx_ckpt`` that is not an NNX checkpoint.
+        CkptconvError: A bad prompt, an unreadable or mismatched checkpoint, an
+            ``nnx_ckpt`` that is not an NNX checkpoint, or an adapter without
+            ``linen_forward``.
 
     Example:
         >>> verify("maxtext_ckpt", "nnx_ckpt", config).ok  # doctest: +SKIP
@@ -456,30 +519,37 @@ def verify(
     from ..convert import detect_layout
     from ..io.sources import open_source
 
-    prompt = list(default_prompt(config) if prompt_ids is None else prompt_ids)
-    engine = Engine(config, mesh=mesh, max_concurrent_decodes=1)
-    check_request(engine, prompt, max_new_tokens)
+    adapter = as_adapter(model)
+    prompt = list(default_prompt(adapter) if prompt_ids is None else prompt_ids)
+    linen_fwd = linen_forward(adapter) if linen_fwd is None else linen_fwd
+    engine = None
+    if engine_kind(adapter) is not None:
+        engine = Engine(adapter, mesh=mesh, max_concurrent_decodes=1)
+        check_request(engine, prompt, max_new_tokens)
     source = open_source(nnx_ckpt)
     if detect_layout(source.leaves(), str(source.location)).name != "nnx":
         raise PlanError(f"{source.location}: is not an NNX checkpoint (verify LINEN_CKPT NNX_CKPT)")
-    linen_params = read_linen_params(linen_ckpt, config)
-    params = engine.load_params(nnx_ckpt)
-    linen_fwd = linen_forward(config) if linen_fwd is None else linen_fwd
-    nnx_fwd = nnx_forward(config) if nnx_fwd is None else nnx_fwd
+    linen_params = read_linen_params(linen_ckpt, adapter)
+    params = engine.load_params(nnx_ckpt) if engine else _load_nnx(adapter, nnx_ckpt, mesh)
+    nnx_fwd = nnx_forward(adapter) if nnx_fwd is None else nnx_fwd
+    dtype = _activation_dtype(adapter, nnx_fwd, params, prompt)
 
     linen_ids = linen_greedy(linen_fwd, linen_params, prompt, max_new_tokens)
     nnx_on_linen = _rows(nnx_fwd, params, prompt, linen_ids)
     weights = compare_weights(_rows(linen_fwd, linen_params, prompt, linen_ids), nnx_on_linen)
+    dtype_name = getattr(adapter, "dtype_name", None) or jnp.dtype(dtype).name
+    if engine is None:
+        return VerifyResult(prompt, linen_ids, [], dtype_name, weights, None)
 
     ours = decode(engine, params, prompt, max_new_tokens=max_new_tokens)
     same = ours.generated_ids[:-1] == linen_ids[:-1]
     full = nnx_on_linen if same else _rows(nnx_fwd, params, prompt, ours.generated_ids)
-    checked = compare_decode(ours.logits, ours.generated_ids, full, config.activation_dtype, atol)
+    checked = compare_decode(ours.logits, ours.generated_ids, full, dtype, atol)
     return VerifyResult(
         prompt_ids=prompt,
         linen_ids=linen_ids,
         engine_ids=ours.generated_ids,
-        dtype=config.dtype,
+        dtype=dtype_name,
         weights=weights,
         decode=checked,
     )

@@ -95,22 +95,27 @@ def configure_s3(*, endpoint: str | None = None, region: str | None = None) -> N
             _s3_settings.pop(key, None)
 
 
+# Where an S3 setting comes from when configure_s3 did not set it, in order.
+_S3_ENV = {
+    "endpoint": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+}
+
+
+def _s3_setting(key: str) -> str | None:
+    """The first non-empty of ``configure_s3``'s value and the environment variables."""
+    for value in (_s3_settings.get(key), *(os.environ.get(name) for name in _S3_ENV[key])):
+        if value:
+            return value
+    return None
+
+
 def _s3_endpoint() -> str | None:
-    return (
-        _s3_settings.get("endpoint")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None
-    )
+    return _s3_setting("endpoint")
 
 
 def _s3_region() -> str | None:
-    return (
-        _s3_settings.get("region")
-        or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or None
-    )
+    return _s3_setting("region")
 
 
 class Backend(Protocol):
@@ -220,10 +225,16 @@ class _KvBackend(abc.ABC):
     """
 
     atomic_rename = False
+    scheme = ""
 
-    @abc.abstractmethod
+    def normalize(self, path: str) -> str:
+        """Returns the canonical key path: ``.`` and ``..`` resolved, no '/' at either end."""
+        norm = posixpath.normpath("/" + path).strip("/")
+        return "" if norm == "." else norm
+
     def render(self, path: str) -> str:
         """Returns the user-facing form of a location."""
+        return f"{self.scheme}://{path}"
 
     @abc.abstractmethod
     def _store(self, path: str) -> tuple[ts.KvStore, str]:
@@ -292,17 +303,12 @@ class _KvBackend(abc.ABC):
 class _MemoryBackend(_KvBackend):
     """TensorStore's in-memory kvstore, shared by every ``memory://`` location of the process."""
 
+    scheme = "memory"
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._context: ts.Context | None = None
         self._root: ts.KvStore | None = None
-
-    def normalize(self, path: str) -> str:
-        norm = posixpath.normpath("/" + path).lstrip("/")
-        return "" if norm == "." else norm
-
-    def render(self, path: str) -> str:
-        return f"memory://{path}"
 
     def kvstore_spec(self, path: str) -> dict[str, Any]:
         return {"driver": "memory", "path": path + "/" if path else ""}
@@ -328,13 +334,6 @@ class ObjectStoreBackend(_KvBackend):
     driver = ""
     retries_resource = ""
     credentials_hint = ""
-
-    def normalize(self, path: str) -> str:
-        norm = posixpath.normpath("/" + path).strip("/")
-        return "" if norm == "." else norm
-
-    def render(self, path: str) -> str:
-        return f"{self.scheme}://{path}"
 
     def split(self, path: str) -> tuple[str, str]:
         """Returns ``(bucket, key prefix)`` of a path."""

@@ -52,38 +52,41 @@ def _at_most_zero(value: Any) -> bool:
 
 
 # MaxText keys whose other values change the math or the parameter tree to something this
-# module does not implement: key -> (predicate on the coerced value, what is supported).
+# module does not implement, in groups of (kind, predicate on the coerced value, what is
+# supported, the keys).
+_MATH_KEY_GROUPS: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
+    (
+        "bool",
+        _off,
+        "false",
+        "use_qk_norm logits_via_embedding mlp_bias attention_bias use_bias fused_qkv fused_mlp "
+        "quantize_kvcache use_qwix_quantization attention_sink "
+        "use_untrainable_positional_embedding use_post_attn_norm use_post_ffw_norm",
+    ),
+    (
+        "float?",
+        _off,
+        "null or 0",
+        "final_logits_soft_cap attn_logits_soft_cap query_pre_attn_scalar",
+    ),
+    ("str?", _off, "empty", "quantization engram_layers"),
+    ("str", _equals("default"), "'default'", "rope_type matmul_precision"),
+    ("str", _equals("global"), "'global'", "attention_type"),
+    ("float", _equals(1.0), "1.0", "rope_linear_scaling_factor partial_rotary_factor"),
+    ("int", _at_most_zero, "<= 0", "trainable_position_size"),
+    (
+        "int",
+        _equals(1),
+        "1",
+        "mhc_expansion_rate inhomogeneous_layer_cycle_interval num_experts global_parameter_scale",
+    ),
+    ("int", _equals(0), "0", "mtp_num_layers first_num_dense_layers"),
+)
+# key -> (kind, predicate, what is supported)
 _MATH_KEYS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
-    "use_qk_norm": ("bool", _off, "false"),
-    "logits_via_embedding": ("bool", _off, "false"),
-    "mlp_bias": ("bool", _off, "false"),
-    "attention_bias": ("bool", _off, "false"),
-    "use_bias": ("bool", _off, "false"),
-    "fused_qkv": ("bool", _off, "false"),
-    "fused_mlp": ("bool", _off, "false"),
-    "final_logits_soft_cap": ("float?", _off, "null or 0"),
-    "attn_logits_soft_cap": ("float?", _off, "null or 0"),
-    "query_pre_attn_scalar": ("float?", _off, "null or 0"),
-    "quantization": ("str?", _off, "empty"),
-    "quantize_kvcache": ("bool", _off, "false"),
-    "use_qwix_quantization": ("bool", _off, "false"),
-    "rope_type": ("str", _equals("default"), "'default'"),
-    "rope_linear_scaling_factor": ("float", _equals(1.0), "1.0"),
-    "partial_rotary_factor": ("float", _equals(1.0), "1.0"),
-    "attention_type": ("str", _equals("global"), "'global'"),
-    "attention_sink": ("bool", _off, "false"),
-    "use_untrainable_positional_embedding": ("bool", _off, "false"),
-    "trainable_position_size": ("int", _at_most_zero, "<= 0"),
-    "use_post_attn_norm": ("bool", _off, "false"),
-    "use_post_ffw_norm": ("bool", _off, "false"),
-    "matmul_precision": ("str", _equals("default"), "'default'"),
-    "mhc_expansion_rate": ("int", _equals(1), "1"),
-    "inhomogeneous_layer_cycle_interval": ("int", _equals(1), "1"),
-    "mtp_num_layers": ("int", _equals(0), "0"),
-    "num_experts": ("int", _equals(1), "1"),
-    "global_parameter_scale": ("int", _equals(1), "1"),
-    "first_num_dense_layers": ("int", _equals(0), "0"),
-    "engram_layers": ("str?", _off, "empty"),
+    key: (kind, supported, description)
+    for kind, supported, description, keys in _MATH_KEY_GROUPS
+    for key in keys.split()
 }
 
 # Precision knobs that are no-ops when activations are float32 already.

@@ -102,8 +102,8 @@ class _Params(nn.Module):
         return out
 
 
-class DecoderLayer(nn.Module):
-    """One decoder layer; returns ``(y, None)`` so that it can be the body of ``nn.scan``.
+class _ModeModule(nn.Module):
+    """A module of the decoder built for one mode.
 
     Attributes:
         config: The model config.
@@ -112,6 +112,10 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     model_mode: str = "train"
+
+
+class DecoderLayer(_ModeModule):
+    """One decoder layer; returns ``(y, None)`` so that it can be the body of ``nn.scan``."""
 
     @nn.compact
     def __call__(
@@ -140,16 +144,8 @@ class DecoderLayer(nn.Module):
         return y, None
 
 
-class Decoder(nn.Module):
-    """The layers (scanned or ``layers_{i}``), ``decoder_norm`` and ``logits_dense``.
-
-    Attributes:
-        config: The model config.
-        model_mode: ``train``, ``prefill`` or ``autoregressive``.
-    """
-
-    config: ModelConfig
-    model_mode: str = "train"
+class Decoder(_ModeModule):
+    """The layers (scanned or ``layers_{i}``), ``decoder_norm`` and ``logits_dense``."""
 
     @nn.compact
     def __call__(

@@ -196,17 +196,22 @@ def _fit(
 
 def _annotate(
     abstract_model: Any,
-    var_type: type,
     rules: LogicalAxisRules,
     mesh: Any,
-    *,
+    mode: str,
     replicate_indivisible: bool,
     report: list[Fallback] | None,
     layer_axis: int,
-    mode: str,
 ) -> list[_Annotated]:
+    """The one body behind the public spec functions: ``mode`` picks the variables and checks.
+
+    Called directly by each public function (never through another helper), so that the
+    ``stacklevel`` of :func:`_fit`'s warning points at the user's call.
+    """
+    if mode not in MODES:
+        raise ShardingError(f"unknown annotation mode {mode!r}; expected one of {MODES}")
     out = []
-    for path, var in _variables(abstract_model, var_type):
+    for path, var in _variables(abstract_model, nnx.Param if mode == "params" else nnx.Cache):
         shape = _shape(var, path)
         names = logical_names(var, path=path, layer_axis=layer_axis)
         if mode in ("prefill", "ar") and names is not None:
@@ -286,14 +291,7 @@ def param_partition_specs(
         {'w': P(None, None)}
     """
     entries = _annotate(
-        abstract_model,
-        nnx.Param,
-        rules,
-        mesh,
-        replicate_indivisible=replicate_indivisible,
-        report=report,
-        layer_axis=layer_axis,
-        mode="params",
+        abstract_model, rules, mesh, "params", replicate_indivisible, report, layer_axis
     )
     return _to_tree(entries)
 
@@ -341,14 +339,7 @@ def prefill_kv_cache_partition_specs(
         {'k': P(None, None, 'tensor', None)}
     """
     entries = _annotate(
-        abstract_model,
-        nnx.Cache,
-        rules,
-        mesh,
-        replicate_indivisible=replicate_indivisible,
-        report=report,
-        layer_axis=layer_axis,
-        mode="prefill",
+        abstract_model, rules, mesh, "prefill", replicate_indivisible, report, layer_axis
     )
     return _to_tree(entries)
 
@@ -364,46 +355,30 @@ def ar_kv_cache_partition_specs(
 ) -> dict[Any, Any]:
     """Returns a ``PartitionSpec`` for every ``nnx.Cache`` of a model built in AR mode.
 
-    Autoregressive (decode) caches name their slot axis ``cache_batch``.
-
-    Args:
-        abstract_model: an abstract ``nnx.Module`` (or its ``nnx.State``) in AR mode.
-        rules: the logical axis rules.
-        mesh: the mesh; absent or size-1 axes drop out.
-        replicate_indivisible: see :func:`param_partition_specs`.
-        report: see :func:`param_partition_specs`.
-        layer_axis: see :func:`param_partition_specs`.
-
-    Returns:
-        A pure-dict tree shaped like ``nnx.to_pure_dict(nnx.state(model, nnx.Cache))``.
+    Autoregressive (decode) caches name their slot axis ``cache_batch``. The arguments and the
+    result are those of :func:`prefill_kv_cache_partition_specs`, for a model (or its
+    ``nnx.State``) built in AR mode.
 
     Raises:
         ShardingError: a cache is named ``cache_batch_prefill`` (the model was built for
             prefill), or as for :func:`param_partition_specs`.
 
     Example:
+        An ``nnx.State`` of abstract caches serves as well as the module:
+
         >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
         >>> from ckptconv.sharding import get_preset
         >>> names = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
-        >>> class M(nnx.Module):
-        ...     def __init__(self):
-        ...         self.k = nnx.Cache(jnp.zeros((4, 16, 4, 8)), out_sharding=names)
+        >>> k = jax.ShapeDtypeStruct((4, 16, 4, 8), jnp.float32)
         >>> with nnx.use_eager_sharding(False):
-        ...     model = nnx.eval_shape(M)
+        ...     state = nnx.State({"k": nnx.Cache(k, out_sharding=names)})
         >>> mesh = jax.sharding.AbstractMesh((2, 4), ("data", "tensor"))
-        >>> ar_kv_cache_partition_specs(model, get_preset("fsdp-tp"), mesh)
+        >>> ar_kv_cache_partition_specs(state, get_preset("fsdp-tp"), mesh)
         {'k': P('data', None, 'tensor', None)}
     """
     entries = _annotate(
-        abstract_model,
-        nnx.Cache,
-        rules,
-        mesh,
-        replicate_indivisible=replicate_indivisible,
-        report=report,
-        layer_axis=layer_axis,
-        mode="ar",
+        abstract_model, rules, mesh, "ar", replicate_indivisible, report, layer_axis
     )
     return _to_tree(entries)
 
@@ -513,17 +488,8 @@ def annotation_rows(
         >>> annotation_rows(model, get_preset("fsdp-tp"), mesh, "params")[0]["shard_shape"]
         (2, 2)
     """
-    if mode not in MODES:
-        raise ShardingError(f"unknown annotation mode {mode!r}; expected one of {MODES}")
     entries = _annotate(
-        abstract_model,
-        nnx.Param if mode == "params" else nnx.Cache,
-        rules,
-        mesh,
-        replicate_indivisible=replicate_indivisible,
-        report=report,
-        layer_axis=layer_axis,
-        mode=mode,
+        abstract_model, rules, mesh, mode, replicate_indivisible, report, layer_axis
     )
     return [
         {

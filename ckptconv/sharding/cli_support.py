@@ -8,7 +8,7 @@ from ..errors import ShardingError
 
 
 def annotate_model(
-    model_config: str,
+    model: Any,
     mesh_spec: str,
     rules: str,
     mode: str,
@@ -16,10 +16,12 @@ def annotate_model(
     cache_batch: int | None = None,
     replicate_indivisible: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Annotates the reference NNX decoder built from a config file.
+    """Annotates an NNX model: the reference decoder of a config file, or an adapter's.
 
     Args:
-        model_config: a ``ModelConfig`` JSON or YAML file (ckptconv or MaxText names).
+        model: a ``ModelConfig`` JSON or YAML file (ckptconv or MaxText names), or a model
+            adapter (:class:`~ckptconv.models.ModelAdapter`); ``prefill`` and ``ar`` need one
+            whose caches are ``nnx.Cache`` variables (``nnx_cached_model``).
         mesh_spec: e.g. ``"data=2,tensor=4"``; an abstract mesh of these sizes is used, so
             the devices need not be present (``-1`` sizes need the real devices).
         rules: a preset name or a rules file.
@@ -33,20 +35,19 @@ def annotate_model(
 
     Raises:
         ShardingError: for an unknown mesh axis, a repeated logical name or an indivisible
-            dimension (naming the path).
+            dimension (naming the path), or a cache mode for a model without cache variables.
     """
     import warnings
 
     import jax
-    from flax import nnx
 
-    from ..models import ModelConfig
-    from ..models import nnx as nnx_models
+    from ..models import ModelConfig, get_adapter
+    from ..models.adapter import DEFAULT, describe
     from .annotate import Fallback, ShardingFallbackWarning, annotation_rows
     from .mesh import make_mesh, parse_mesh_spec
     from .presets import load_rules
 
-    config = ModelConfig.load(model_config)
+    adapter = get_adapter(DEFAULT, ModelConfig.load(model)) if isinstance(model, str) else model
     # Planning needs axis sizes only: an abstract mesh lets a laptop annotate for a pod.
     sizes = parse_mesh_spec(mesh_spec)
     if any(v == -1 for v in sizes.values()):
@@ -61,16 +62,20 @@ def annotate_model(
         cache_batch = jax.device_count() if mode == "ar" else 1
     if cache_batch < 1:
         raise ShardingError(f"--cache-batch {cache_batch}: expected a positive row count")
-    model = nnx.eval_shape(
-        lambda: nnx_models.Transformer(
-            config, rngs=nnx.Rngs(0), model_mode=model_mode, cache_batch=cache_batch
+    if callable(getattr(adapter, "nnx_cached_model", None)):
+        abstract = adapter.nnx_cached_model(mode=model_mode, batch=cache_batch)
+    elif mode == "params":
+        abstract = adapter.nnx_model()
+    else:
+        raise ShardingError(
+            f"--mode {mode}: model {describe(adapter)} keeps no nnx.Cache variables "
+            "(it lacks nnx_cached_model); annotate its params with --mode params"
         )
-    )
     report: list[Fallback] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ShardingFallbackWarning)
         rows = annotation_rows(
-            model,
+            abstract,
             axis_rules,
             mesh,
             mode,

@@ -12,6 +12,7 @@ import pytest
 
 from ckptconv.convert import ConvertOptions, compare, convert
 from ckptconv.io import CheckpointReader, CheckpointWriter
+from ckptconv.testing import assert_same_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
 
@@ -54,17 +55,6 @@ def build_linen(path, *, zarr3: bool, dtype: str, multi_chunk: bool, seed: int =
     return arrays
 
 
-def assert_identical(a, b) -> None:
-    """Same leaves (paths, shapes, dtypes, key types) and the same bytes in every array."""
-    ra, rb = CheckpointReader(a), CheckpointReader(b)
-    assert ra.leaves() == rb.leaves()
-    for path, leaf in ra.leaves().items():
-        assert ra.key_types(path) == rb.key_types(path), path
-        if not leaf.empty:
-            x, y = ra.read(path), rb.read(path)
-            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), path
-
-
 def kernel_codecs(path, key) -> list[str]:
     return [c["name"] for c in CheckpointReader(path).zarr_metadata(key)["codecs"]]
 
@@ -91,13 +81,13 @@ def test_fast_path_matches_the_decode_path_both_ways(tmp_path, zarr3, dtype, mul
         assert fast.copied_leaves == n_arrays - 1 - 3 * 2
         scale = ("model", "decoder", "layers", "norm", "scale", "value")
         assert CheckpointReader(tmp_path / "nnx_fast").zarr_metadata(scale)["order"] == "F"
-    assert_identical(tmp_path / "nnx_slow", tmp_path / "nnx_fast")
+    assert_same_checkpoint(tmp_path / "nnx_slow", tmp_path / "nnx_fast")
     # The reverse, from an output whose kernels carry a transpose codec.
     back = convert(tmp_path / "nnx_fast", tmp_path / "back_fast", direction="nnx-to-linen")
     convert(tmp_path / "nnx_slow", tmp_path / "back_slow", direction="nnx-to-linen", fast=False)
     assert back.copied_leaves > 0
-    assert_identical(tmp_path / "back_slow", tmp_path / "back_fast")
-    assert_identical(src, tmp_path / "back_fast")
+    assert_same_checkpoint(tmp_path / "back_slow", tmp_path / "back_fast")
+    assert_same_checkpoint(src, tmp_path / "back_fast")
     if zarr3:  # composed permutations: back to the stored order, no transpose codec at all
         assert "transpose" not in kernel_codecs(tmp_path / "back_fast", LINEN_KERNEL)
     else:
@@ -140,7 +130,7 @@ def test_value_copies_when_cloning_does_not_pay(tmp_path, monkeypatch):
     fast = convert(src, tmp_path / "fast")
     assert fast.copied_leaves > 0 and not fast.cloned
     convert(src, tmp_path / "slow", fast=False)
-    assert_identical(tmp_path / "slow", tmp_path / "fast")
+    assert_same_checkpoint(tmp_path / "slow", tmp_path / "fast")
 
 
 def test_params_only_copies_values_instead_of_cloning(tmp_path):
@@ -150,7 +140,7 @@ def test_params_only_copies_values_instead_of_cloning(tmp_path):
     fast = convert(src, tmp_path / "fast", options=opts)
     assert fast.copied_leaves > 0 and not fast.cloned  # 2/3 of the source would be dead
     convert(src, tmp_path / "slow", options=opts, fast=False)
-    assert_identical(tmp_path / "slow", tmp_path / "fast")
+    assert_same_checkpoint(tmp_path / "slow", tmp_path / "fast")
 
 
 @pytest.mark.parametrize("zarr3", [True, False], ids=["zarr3", "zarr2"])
@@ -161,7 +151,7 @@ def test_unstacking_and_stacking_stay_exact(tmp_path, zarr3, slab_bytes):
     opts = ConvertOptions(scan_layers=False)
     fast = convert(src, tmp_path / "fast", options=opts, slab_bytes=slab_bytes)
     convert(src, tmp_path / "slow", options=opts, fast=False)
-    assert_identical(tmp_path / "slow", tmp_path / "fast")
+    assert_same_checkpoint(tmp_path / "slow", tmp_path / "fast")
     assert compare(src, tmp_path / "fast").bit_exact
     assert ("model", "decoder", "layers_2", "mlp", "wi", "kernel", "value") in (
         CheckpointReader(tmp_path / "fast").leaves()
@@ -169,7 +159,7 @@ def test_unstacking_and_stacking_stay_exact(tmp_path, zarr3, slab_bytes):
     assert fast.copied_leaves > 0  # unscanned leaves (embedding, norms, count) are copied
     back = convert(tmp_path / "fast", tmp_path / "back", direction="nnx-to-linen")
     assert back.copied_leaves > 0
-    assert_identical(src, tmp_path / "back")
+    assert_same_checkpoint(src, tmp_path / "back")
 
 
 def test_casts_match_the_decode_path(tmp_path):
@@ -178,7 +168,7 @@ def test_casts_match_the_decode_path(tmp_path):
     opts = ConvertOptions(dtype="bfloat16")
     convert(src, tmp_path / "fast", options=opts, slab_bytes=300)
     convert(src, tmp_path / "slow", options=opts, fast=False)
-    assert_identical(tmp_path / "slow", tmp_path / "fast")
+    assert_same_checkpoint(tmp_path / "slow", tmp_path / "fast")
     x = CheckpointReader(tmp_path / "fast").read(NNX_KERNEL)
     assert x.dtype == ml_dtypes.bfloat16
 
@@ -204,7 +194,7 @@ def test_maxtext_fixture_goes_through_the_fast_path(maxtext_fixtures, tmp_path):
     query = ("model", "decoder", "layers", "self_attention", "query", "kernel", "value")
     assert kernel_codecs(tmp_path / "nnx", query)[:2] == ["transpose", "sharding_indexed"]
     convert(src, tmp_path / "slow", fast=False)
-    assert_identical(tmp_path / "slow", tmp_path / "nnx")
+    assert_same_checkpoint(tmp_path / "slow", tmp_path / "nnx")
     assert compare(src, tmp_path / "nnx").bit_exact
     convert(tmp_path / "nnx", tmp_path / "back", direction="nnx-to-linen")
     assert compare(src, tmp_path / "back").bit_exact

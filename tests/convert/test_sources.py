@@ -7,103 +7,48 @@ checkpointing off, flax.serialization, Orbax's PyTreeCheckpointHandler with use_
 from __future__ import annotations
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
-from flax import linen as nn
 from flax import nnx
-from flax.training import checkpoints, train_state
+from flax.training import checkpoints
 
 import ckptconv
 from ckptconv.errors import CheckpointFormatError
 from ckptconv.io.sources import open_source
 
 
-class LinenNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = True):
-        x = nn.Dense(6)(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(3)(x)
-
-
-class NNXNet(nnx.Module):
-    def __init__(self, rngs):
-        self.Dense_0 = nnx.Linear(4, 6, rngs=rngs)
-        self.BatchNorm_0 = nnx.BatchNorm(6, rngs=rngs)
-        self.Dense_1 = nnx.Linear(6, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.Dense_1(self.BatchNorm_0(self.Dense_0(x)))
-
-
-class BNState(train_state.TrainState):
-    batch_stats: dict
-
-
-X = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)), jnp.float32)
-TX = optax.adamw(1e-2)
-
-
-@jax.jit
-def linen_step(state):
-    def loss(p):
-        y, upd = LinenNet().apply(
-            {"params": p, "batch_stats": state.batch_stats}, X, mutable=["batch_stats"]
-        )
-        return (y**2).mean(), upd
-
-    grads, upd = jax.grad(loss, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads).replace(batch_stats=upd["batch_stats"])
-
-
-def trained_state(steps: int = 2) -> BNState:
-    variables = LinenNet().init(jax.random.key(0), X)
-    state = BNState.create(
-        apply_fn=LinenNet().apply,
-        params=variables["params"],
-        tx=TX,
-        batch_stats=variables["batch_stats"],
-    )
-    for _ in range(steps):
-        state = linen_step(state)
-    return state
-
-
 @pytest.fixture
-def msgpack_ckpt(tmp_path):
+def msgpack_ckpt(tmp_path, bn_net):
     """A Flax TrainState (adamw, batch_stats) saved as msgpack files, steps 1 and 2."""
-    state = trained_state(1)
+    state = bn_net.trained_state(1)
     with flax.config.temp_flip_flag("use_orbax_checkpointing", False):
-        checkpoints.save_checkpoint(tmp_path / "flax", trained_state(0), step=1, keep=5)
+        checkpoints.save_checkpoint(tmp_path / "flax", bn_net.trained_state(0), step=1, keep=5)
         checkpoints.save_checkpoint(tmp_path / "flax", state, step=2, keep=5)
     return tmp_path / "flax", state
 
 
-def test_msgpack_train_state_continues_training_in_nnx(msgpack_ckpt, tmp_path):
+def test_msgpack_train_state_continues_training_in_nnx(msgpack_ckpt, tmp_path, bn_net):
     folder, state = msgpack_ckpt
     assert open_source(folder).format_name == "msgpack"
     result = ckptconv.convert(folder, tmp_path / "nnx")
     assert result.plan.source_layout == "flax"
     assert ckptconv.compare(folder, tmp_path / "nnx").bit_exact
 
-    model = NNXNet(nnx.Rngs(1))
-    optimizer = nnx.Optimizer(model, TX, wrt=nnx.Param)
+    model = bn_net.NNXNet(nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, bn_net.TX, wrt=nnx.Param)
     ckptconv.restore(tmp_path / "nnx", model, optimizer)
     assert int(optimizer.step.value) == int(state.step) == 1
 
     @nnx.jit
     def nnx_step(m, opt):
         def loss(m):
-            return (m(X) ** 2).mean()
+            return (m(bn_net.X) ** 2).mean()
 
         opt.update(m, nnx.grad(loss)(m))
 
     for _ in range(2):
-        state = linen_step(state)
+        state = bn_net.linen_step(state)
         nnx_step(model, optimizer)
     for layer in ("Dense_0", "Dense_1"):
         for name in ("kernel", "bias"):
@@ -139,8 +84,8 @@ def test_msgpack_converts_back_to_linen_ocdbt_bit_exactly(msgpack_ckpt, tmp_path
 
 
 @pytest.mark.parametrize("use_zarr3", [False, True], ids=["zarr2", "zarr3"])
-def test_orbax_without_ocdbt_converts_both_ways_bit_exactly(tmp_path, use_zarr3):
-    state = trained_state(2)
+def test_orbax_without_ocdbt_converts_both_ways_bit_exactly(tmp_path, use_zarr3, bn_net):
+    state = bn_net.trained_state(2)
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=use_zarr3))
     ckptr.save(tmp_path / "plain", state)
     assert open_source(tmp_path / "plain").format_name == "zarr"
@@ -148,7 +93,7 @@ def test_orbax_without_ocdbt_converts_both_ways_bit_exactly(tmp_path, use_zarr3)
     assert ckptconv.compare(tmp_path / "plain", tmp_path / "nnx").bit_exact
     ckptconv.convert(tmp_path / "nnx", tmp_path / "back", direction="nnx-to-linen")
     assert ckptconv.compare(tmp_path / "plain", tmp_path / "back").bit_exact
-    model = NNXNet(nnx.Rngs(0))
+    model = bn_net.NNXNet(nnx.Rngs(0))
     ckptconv.restore(tmp_path / "nnx", model)
     np.testing.assert_array_equal(
         np.asarray(model.Dense_1.kernel.value), np.asarray(state.params["Dense_1"]["kernel"])
@@ -167,8 +112,8 @@ def test_a_folder_holding_two_formats_is_refused(msgpack_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("use_zarr3", [False, True], ids=["zarr2", "zarr3"])
-def test_zarr_folder_output_restores_with_plain_orbax(tmp_path, use_zarr3):
-    state = trained_state(2)
+def test_zarr_folder_output_restores_with_plain_orbax(tmp_path, use_zarr3, bn_net):
+    state = bn_net.trained_state(2)
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=use_zarr3))
     ckptr.save(tmp_path / "plain", state)
     result = ckptconv.convert(tmp_path / "plain", tmp_path / "nnx", output_format="zarr")

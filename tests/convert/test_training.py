@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
 
@@ -78,49 +77,9 @@ def test_training_continues_in_nnx(tmp_path, make_config):
         )
 
 
-class LinenNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = True):
-        x = nn.Dense(6)(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(3)(x)
-
-
-class NNXNet(nnx.Module):
-    def __init__(self, rngs):
-        self.Dense_0 = nnx.Linear(4, 6, rngs=rngs)
-        self.BatchNorm_0 = nnx.BatchNorm(6, rngs=rngs)
-        self.Dense_1 = nnx.Linear(6, 3, rngs=rngs)
-
-
-class BNState(train_state.TrainState):
-    batch_stats: dict
-
-
-def test_flax_train_state_with_batch_stats_round_trips(tmp_path):
-    net = LinenNet()
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)), jnp.float32)
-    variables = net.init(jax.random.key(0), x)
-    state = BNState.create(
-        apply_fn=net.apply,
-        params=variables["params"],
-        tx=optax.adamw(1e-2),
-        batch_stats=variables["batch_stats"],
-    )
-
-    @jax.jit
-    def step(state):
-        def loss(p):
-            y, upd = net.apply(
-                {"params": p, "batch_stats": state.batch_stats}, x, mutable=["batch_stats"]
-            )
-            return (y**2).mean(), upd
-
-        grads, upd = jax.grad(loss, has_aux=True)(state.params)
-        return state.apply_gradients(grads=grads).replace(batch_stats=upd["batch_stats"])
-
-    for _ in range(2):
-        state = step(state)
+def test_flax_train_state_with_batch_stats_round_trips(tmp_path, bn_net):
+    net, x = bn_net.LinenNet(), bn_net.X
+    state = bn_net.trained_state(2)
     save(tmp_path / "linen", state)
     result = convert(tmp_path / "linen", tmp_path / "nnx")
     assert result.plan.source_layout == "flax"
@@ -129,7 +88,7 @@ def test_flax_train_state_with_batch_stats_round_trips(tmp_path):
         assert ("model", "BatchNorm_0", name, "value") in leaves
 
     # the merged tree is exactly what nnx.BatchNorm holds: it restores strictly
-    model = NNXNet(nnx.Rngs(0))
+    model = bn_net.NNXNet(nnx.Rngs(0))
     ckptconv.restore(tmp_path / "nnx", model)
     np.testing.assert_array_equal(
         np.asarray(model.BatchNorm_0.mean.value),

@@ -2,24 +2,10 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from ckptconv.cli import main
 from ckptconv.engine import decode_checkpoint, parse_prompt_ids
 from ckptconv.errors import EngineError
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ckptconv: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+from ckptconv.testing import assert_one_line_error, run_cli
 
 
 def test_fixture_b_greedy_matches_maxtext(fixture_config, reference, nnx_ckpts):
@@ -35,7 +21,7 @@ def test_fixture_b_greedy_matches_maxtext(fixture_config, reference, nnx_ckpts):
 def test_cli_decode_fixture_a_on_a_mesh(maxtext_fixtures, reference, nnx_ckpts, tmp_path):
     ref = reference("A")
     logits_out = tmp_path / "logits.npy"
-    code, out, err = run(
+    code, out, err = run_cli(
         "decode",
         nnx_ckpts["A"],
         "--model-config",
@@ -67,7 +53,7 @@ def test_cli_decode_fixture_a_on_a_mesh(maxtext_fixtures, reference, nnx_ckpts, 
 def test_cli_decode_linen_checkpoint_in_memory(maxtext_fixtures, reference):
     ref = reference("B")
     before = sorted(p.name for p in (maxtext_fixtures / "B").iterdir())
-    code, out, err = run(
+    code, out, err = run_cli(
         "decode",
         maxtext_fixtures / "B" / "ckpt",
         "--model-config",
@@ -97,14 +83,14 @@ def test_cli_decode_linen_checkpoint_in_memory(maxtext_fixtures, reference):
     ids=["ids", "too-long", "vocab", "mesh", "sampler", "budget"],
 )
 def test_cli_decode_errors(extra, needles, maxtext_fixtures, nnx_ckpts):
-    code, _, err = run(
+    code, _, err = run_cli(
         "decode", nnx_ckpts["A"], "--model-config", maxtext_fixtures / "A" / "config.json", *extra
     )
     assert_one_line_error(code, err, *needles)
 
 
 def test_cli_decode_config_mismatch_names_the_path(maxtext_fixtures, nnx_ckpts):
-    code, _, err = run(
+    code, _, err = run_cli(
         "decode",
         nnx_ckpts["A"],
         "--model-config",

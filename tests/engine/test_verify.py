@@ -5,20 +5,14 @@ import json
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from click.testing import CliRunner
 
-from ckptconv.cli import main
 from ckptconv.convert import convert
 from ckptconv.engine.verify import compare_decode, compare_weights, decode_atol, weights_atol
 from ckptconv.io import CheckpointReader, CheckpointWriter
+from ckptconv.testing import run_cli
 
 LAYERS = ("model", "decoder", "layers")
 WI_0 = (*LAYERS, "mlp", "wi_0", "kernel", "value")
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def _edited_copy(src, dst, edit):
@@ -89,7 +83,7 @@ def bf16(make_config, random_linen_params, tmp_path_factory):
 
 
 def _verify_json(linen, config, nnx, *extra):
-    code, out, err = run("verify", linen, nnx, "--model-config", config, "--json", *extra)
+    code, out, err = run_cli("verify", linen, nnx, "--model-config", config, "--json", *extra)
     assert code in (0, 1), err
     doc = json.loads(out)
     assert code == (0 if doc["ok"] else 1)
@@ -128,7 +122,7 @@ def test_verify_passes_and_fails_as_in_finding_6(model, request):
 def test_verify_text_output_prints_both_checks_and_tolerances(fixture_a):
     linen, config, nnx = fixture_a
     args = ("--model-config", config, "--prompt-ids", "5,17,99,3", "--max-new-tokens", "4")
-    code, out, err = run("verify", linen, nnx["row"], *args)
+    code, out, err = run_cli("verify", linen, nnx["row"], *args)
     assert code == 1, err
     lines = out.strip().splitlines()
     assert len(lines) == 7 and all(lines[i].startswith(f"step {i}: ") for i in range(4))
@@ -143,14 +137,16 @@ def test_atol_overrides_the_decode_tolerance(bf16):
     doc = _verify_json(linen, config, nnx["faithful"], "--max-new-tokens", "3", "--atol", "1e-4")
     assert not doc["ok"] and doc["weights"]["ok"] and not doc["decode"]["ok"]
     assert doc["decode"]["atol"] == 1e-4 and doc["decode"]["atol_rule"] == "--atol"
-    code, _, err = run("verify", linen, nnx["faithful"], "--model-config", config, "--atol", "-1")
+    code, _, err = run_cli(
+        "verify", linen, nnx["faithful"], "--model-config", config, "--atol", "-1"
+    )
     assert code == 2 and "--atol" in err
 
 
 def test_no_false_alarm_on_fixture_b(maxtext_fixtures, nnx_ckpts):
     b = maxtext_fixtures / "B"
     args = ("--model-config", b / "config.json", "--max-new-tokens", "4")
-    code, out, err = run("verify", b / "ckpt", nnx_ckpts["B"], *args)
+    code, out, err = run_cli("verify", b / "ckpt", nnx_ckpts["B"], *args)
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 7 and lines[-1] == "agree: weights ok, decode ok (float32)"
@@ -200,5 +196,5 @@ def test_verify_argument_errors(maxtext_fixtures, nnx_ckpts):
         (linen, linen, "is not an NNX checkpoint"),
         (nnx_ckpts["A"], nnx_ckpts["A"], "needs a Linen one"),
     ]:
-        code, _, err = run("verify", a, b, "--model-config", config)
+        code, _, err = run_cli("verify", a, b, "--model-config", config)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

@@ -23,6 +23,7 @@ from ckptconv.cli import main
 from ckptconv.convert import compare, convert
 from ckptconv.errors import DestinationExistsError, IncompleteCheckpointError
 from ckptconv.io import CheckpointReader, CheckpointWriter, Location
+from ckptconv.testing import assert_one_line_error, assert_same_checkpoint
 
 
 def run(*args):
@@ -30,25 +31,10 @@ def run(*args):
     return result.exit_code, result.stdout, result.stderr, result.exception
 
 
-def assert_one_line_error(result, *needles):
+def assert_cli_error(result, *needles):
     code, _, err, exc = result
-    assert code == 2, err
     assert isinstance(exc, SystemExit), exc  # no uncaught exception, so no traceback
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ckptconv: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
-def assert_same_arrays(a, b):
-    """Same leaves (keys, shapes, dtypes, key types) and the same bytes, array by array."""
-    ra, rb = CheckpointReader(a), CheckpointReader(b)
-    assert ra.leaves() == rb.leaves()
-    for path, leaf in ra.leaves().items():
-        assert ra.key_types(path) == rb.key_types(path), path
-        if not leaf.empty:
-            x, y = ra.read(path), rb.read(path)
-            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), path
+    assert_one_line_error(code, err, *needles)
 
 
 def test_round_trip_through_s3_is_bit_identical_to_local(s3, maxtext_fixtures, tmp_path):
@@ -65,11 +51,11 @@ def test_round_trip_through_s3_is_bit_identical_to_local(s3, maxtext_fixtures, t
     convert(f"{url}/linen", tmp_path / "nnx_again")
     convert(f"{url}/nnx", tmp_path / "linen_again", direction="nnx-to-linen")
 
-    assert_same_arrays(tmp_path / "nnx", f"{url}/nnx")
-    assert_same_arrays(tmp_path / "linen", f"{url}/linen")
-    assert_same_arrays(src, f"{url}/linen")
-    assert_same_arrays(tmp_path / "nnx", tmp_path / "nnx_again")
-    assert_same_arrays(src, tmp_path / "linen_again")
+    assert_same_checkpoint(tmp_path / "nnx", f"{url}/nnx")
+    assert_same_checkpoint(tmp_path / "linen", f"{url}/linen")
+    assert_same_checkpoint(src, f"{url}/linen")
+    assert_same_checkpoint(tmp_path / "nnx", tmp_path / "nnx_again")
+    assert_same_checkpoint(src, tmp_path / "linen_again")
     assert compare(src, f"{url}/nnx").bit_exact
     assert compare(f"{url}/linen", f"{url}/nnx").bit_exact
     assert CheckpointReader(f"{url}/nnx").custom_metadata == (
@@ -170,9 +156,9 @@ def test_killed_conversion_to_s3_is_refused_everywhere_and_force_rerun_succeeds(
         ("decode", dst, "--model-config", config, "--prompt-ids", "1,2"),
         ("verify", src, dst, "--model-config", config, "--max-new-tokens", "1"),
     ):
-        assert_one_line_error(run(*args), dst, "interrupted")
+        assert_cli_error(run(*args), dst, "interrupted")
     # The partial prefix is a destination that exists: only --force replaces it.
-    assert_one_line_error(run("linen-to-nnx", src, dst), "--force")
+    assert_cli_error(run("linen-to-nnx", src, dst), "--force")
     start = time.monotonic()
     code, _, err, _ = run("linen-to-nnx", src, dst, "--force")
     assert code == 0, err
@@ -206,10 +192,10 @@ def test_wrong_credentials_are_a_one_line_error(s3, maxtext_fixtures, monkeypatc
     convert(src, f"{url}/ckpt")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     start = time.monotonic()
-    assert_one_line_error(run("inspect", f"{url}/ckpt"), "refused the credentials")
-    assert_one_line_error(run("linen-to-nnx", src, f"{url}/new"), "refused the credentials")
+    assert_cli_error(run("inspect", f"{url}/ckpt"), "refused the credentials")
+    assert_cli_error(run("linen-to-nnx", src, f"{url}/new"), "refused the credentials")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
-    assert_one_line_error(run("compare", src, f"{url}/ckpt"), "refused the credentials")
+    assert_cli_error(run("compare", src, f"{url}/ckpt"), "refused the credentials")
     assert time.monotonic() - start < 30
 
 
@@ -217,9 +203,9 @@ def test_missing_bucket_is_a_one_line_error(s3, maxtext_fixtures):
     src = maxtext_fixtures / "A" / "ckpt"
     start = time.monotonic()
     missing = "s3://no-such-bucket-here/ckpt"
-    assert_one_line_error(run("inspect", missing), "bucket 'no-such-bucket-here' does not exist")
-    assert_one_line_error(run("linen-to-nnx", src, missing), "does not exist")
-    assert_one_line_error(run("nnx-to-linen", missing, "out"), "does not exist")
+    assert_cli_error(run("inspect", missing), "bucket 'no-such-bucket-here' does not exist")
+    assert_cli_error(run("linen-to-nnx", src, missing), "does not exist")
+    assert_cli_error(run("nnx-to-linen", missing, "out"), "does not exist")
     assert time.monotonic() - start < 30
 
 
@@ -231,7 +217,7 @@ def test_unreachable_endpoint_is_a_one_line_error_in_a_few_seconds(s3, maxtext_f
     src = maxtext_fixtures / "A" / "ckpt"
     start = time.monotonic()
     result = run("--s3-endpoint", closed, "inspect", f"{url}/ckpt")
-    assert_one_line_error(result, "cannot reach", closed)
+    assert_cli_error(result, "cannot reach", closed)
     assert time.monotonic() - start < 30
     # A real process, for exit code and stderr as a user sees them.
     start = time.monotonic()

@@ -9,22 +9,25 @@ from hypothesis import given, settings
 from ckptconv.errors import ConfigError
 from ckptconv.models import ModelConfig
 
-BASE_DEFAULTS = dict(
-    emb_dim=2048,
-    num_query_heads=16,
-    num_kv_heads=16,
-    head_dim=128,
-    mlp_dim=7168,
-    num_decoder_layers=16,
-    vocab_size=32000,
-    scan_layers=True,
-    param_scan_axis=1,
-    nnx_scan_axis=0,
-    dtype="bfloat16",
-    weight_dtype="float32",
-    normalization_layer_epsilon=1e-5,
-    max_target_length=2048,
-    max_prefill_predict_length=64,
+# MaxText's base.yml values, written as base.yml writes them: the oracle for the defaults.
+BASE_DEFAULTS = yaml.safe_load(
+    """
+    emb_dim: 2048
+    num_query_heads: 16
+    num_kv_heads: 16
+    head_dim: 128
+    mlp_dim: 7168
+    num_decoder_layers: 16
+    vocab_size: 32000
+    scan_layers: true
+    param_scan_axis: 1
+    nnx_scan_axis: 0
+    dtype: bfloat16
+    weight_dtype: float32
+    normalization_layer_epsilon: 1.0e-5
+    max_target_length: 2048
+    max_prefill_predict_length: 64
+    """
 )
 
 

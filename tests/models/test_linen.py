@@ -68,25 +68,15 @@ def test_reproduces_maxtext_greedy_tokens(maxtext_model, name):
     assert picked == reference["greedy"].tolist()
 
 
-def _prompts(config, lengths, steps, seed=0):
-    """Token sequences per row, and the end-padded prefill inputs of their prompts."""
-    rng = np.random.default_rng(seed)
-    full = rng.integers(1, config.vocab_size, size=(len(lengths), max(lengths) + steps))
-    p = config.max_prefill_predict_length
-    prompt = np.zeros((len(lengths), p), np.int32)
-    segments = np.zeros((len(lengths), p), np.int32)
-    for row, n in enumerate(lengths):
-        prompt[row, :n] = full[row, :n]
-        segments[row, :n] = 1
-    return full.astype(np.int32), prompt, segments
-
-
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-def test_kv_cache_decoding_matches_full_forward(tiny_config, random_linen_params, scan):
+def test_kv_cache_decoding_matches_full_forward(
+    tiny_config, random_linen_params, decode_inputs, pad_prompts, scan
+):
     config = tiny_config(scan_layers=scan)
     params = random_linen_params(config)
     lengths, steps = [5, 3], 6
-    full, prompt, segments = _prompts(config, lengths, steps)
+    full = decode_inputs(config, lengths, steps)
+    prompt, _, segments = pad_prompts(config, full, lengths)
     model = linen.Transformer(config)
     reference = _forward(config)(
         params, jnp.asarray(full), jnp.broadcast_to(jnp.arange(full.shape[1]), full.shape)

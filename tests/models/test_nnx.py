@@ -177,35 +177,20 @@ def test_construction_and_call_errors(tiny_config):
         ar(jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32))
 
 
-def _decode_inputs(config, lengths, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    full = rng.integers(1, config.vocab_size, size=(len(lengths), max(lengths) + steps))
-    return full.astype(np.int32)
-
-
-def _pad_prompts(config, full, lengths):
-    p = config.max_prefill_predict_length
-    prompt = np.zeros((len(lengths), p), np.int32)
-    segments = np.zeros((len(lengths), p), np.int32)
-    for row, n in enumerate(lengths):
-        prompt[row, :n] = full[row, :n]
-        segments[row, :n] = 1
-    positions = np.broadcast_to(np.arange(p, dtype=np.int32), prompt.shape)
-    return prompt, positions, segments
-
-
 @nnx.jit(static_argnames="mode")
 def _call(model, tokens, positions, segments=None, *, mode):
     return model(tokens, positions, segments, model_mode=mode)
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-def test_kv_cache_decoding_bit_identical_to_linen(tiny_config, random_linen_params, scan):
+def test_kv_cache_decoding_bit_identical_to_linen(
+    tiny_config, random_linen_params, scan, decode_inputs, pad_prompts
+):
     config = tiny_config(scan_layers=scan, nnx_scan_axis=1)
     params = random_linen_params(config, seed=1)
     lengths, steps = [5, 3], 6
-    full = _decode_inputs(config, lengths, steps)
-    prompt, positions, segments = _pad_prompts(config, full, lengths)
+    full = decode_inputs(config, lengths, steps)
+    prompt, positions, segments = pad_prompts(config, full, lengths)
     reference = nnx.jit(lambda m, t, p: m(t, p))(
         from_linen_params(config, params),
         full,
@@ -255,11 +240,13 @@ def _insert(ar_model, prefill_model, slot):
         )
 
 
-def test_prefill_model_then_insert_into_decode_slots(tiny_config, random_linen_params):
+def test_prefill_model_then_insert_into_decode_slots(
+    tiny_config, random_linen_params, decode_inputs, pad_prompts
+):
     config = tiny_config()
     params = random_linen_params(config, seed=2)
     lengths, steps, slots = [4, 7], 5, 3
-    full = _decode_inputs(config, lengths, steps, seed=3)
+    full = decode_inputs(config, lengths, steps, seed=3)
     reference = nnx.jit(lambda m, t, p: m(t, p))(
         from_linen_params(config, params),
         full,
@@ -269,7 +256,7 @@ def test_prefill_model_then_insert_into_decode_slots(tiny_config, random_linen_p
     used = [2, 0]  # prompt row -> decode slot
     for row, n in enumerate(lengths):
         prefill = from_linen_params(config, params, model_mode="prefill")
-        prompt, positions, segments = _pad_prompts(config, full[row : row + 1], [n])
+        prompt, positions, segments = pad_prompts(config, full[row : row + 1], [n])
         logits = _call(prefill, prompt, positions, segments, mode="prefill")
         np.testing.assert_allclose(logits[0, :n], reference[row, :n], atol=1e-5, rtol=0)
         _insert(ar, prefill, used[row])
