@@ -4,8 +4,9 @@ All three run in one process on the same random float32 weights and the same 8 s
 
 * ``nnx``: :class:`ckptconv.engine.Engine` (``nnx.merge`` inside jit, greedy sampling, per-slot
   bookkeeping, decode state donated, one ``[slots, 3]`` result fetched per step);
-* ``linen``: the same engine class with the model calls swapped for the Linen ``Transformer``'s
-  ``apply`` with a mutable ``cache`` collection, jitted, sharded and donated identically;
+* ``linen``: the same engine class with its backend (the model calls) swapped for the Linen
+  ``Transformer``'s ``apply`` with a mutable ``cache`` collection, jitted, sharded and donated
+  identically;
 * ``bare``: the jitted NNX forward step alone (tokens in, logits and cache out, cache donated;
   no sampling or bookkeeping), the lower bound.
 
@@ -39,8 +40,7 @@ from flax import nnx, traverse_util
 
 from ckptconv.engine import Engine
 from ckptconv.engine import params as P
-from ckptconv.engine.sampling import sample
-from ckptconv.engine.state import DecodeState, Prefix, ResultTokens
+from ckptconv.engine.state import DecodeState
 from ckptconv.models import ModelConfig, linen
 from ckptconv.models.reference_adapter import STALE_AR
 from ckptconv.sharding import ar_kv_cache_partition_specs, named_shardings
@@ -58,95 +58,81 @@ SIZES = {
 }
 
 
-class LinenEngine(Engine):
-    """:class:`Engine` with the Linen model's ``apply`` (mutable cache) in place of NNX.
+class LinenBackend:
+    """The Linen model's ``apply`` (mutable ``cache`` collection) as an engine backend.
 
-    Everything else is inherited: bucketing, insert along the ``cache_batch`` axis, sampling,
-    bookkeeping, donation and output shardings (the Linen cache dict has the NNX cache's
-    paths, so the same partition specs apply).
+    It has the traced bodies of :mod:`ckptconv.engine.backends` (``init_cache``, ``prefill``,
+    ``insert``, ``generate``); the Linen cache dict has the NNX cache's paths, so the NNX
+    model's slot axes and partition specs apply to it.
     """
 
-    def __init__(self, config: ModelConfig, **kwargs: Any):
-        super().__init__(config, **kwargs)
+    def __init__(self, config: ModelConfig, slots: int, slot_axes: dict[tuple[str, ...], int]):
         self._model = linen.Transformer(config)
-        ar = P.abstract_model(config, model_mode="autoregressive", cache_batch=self._slots)
-        specs = ar_kv_cache_partition_specs(ar, self._rules, self._mesh, replicate_indivisible=True)
-        self._linen_ar_cache = jax.eval_shape(lambda: linen.init_cache(config, self._slots))
-        self._linen_prefill_cache = jax.eval_shape(lambda: linen.init_cache(config, 1, "prefill"))
-        self.build_programs(named_shardings(specs, self._mesh))
+        self._slot_axes = slot_axes
+        self._ar_cache = jax.eval_shape(lambda: linen.init_cache(config, slots))
+        self._prefill_cache = jax.eval_shape(lambda: linen.init_cache(config, 1, "prefill"))
 
-    def load_params(self, source: Any) -> Any:
-        """Places a Linen params tree on the engine's mesh (replicated)."""
-        return jax.device_put(source, P.replicated(self._mesh))
+    def init_cache(self) -> Any:
+        return _zeros(self._ar_cache)
 
-    def _init_impl(self) -> DecodeState:
-        state = super()._init_impl()
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._linen_ar_cache)
-        return state.replace(cache=cache)
-
-    def _prefill_impl(self, params, tokens, true_length, rng, *, sampler):
-        length = tokens.shape[1]
-        index = jnp.arange(length, dtype=jnp.int32)[None]
+    def prefill(self, params, tokens, true_length):
+        index = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
         segments = (index < true_length).astype(jnp.int32)
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._linen_prefill_cache)
         logits, variables = self._model.apply(
-            {"params": params, "cache": cache},
+            {"params": params, "cache": _zeros(self._prefill_cache)},
             tokens,
             index,
             segments,
             model_mode="prefill",
             mutable=["cache"],
         )
-        last = jax.lax.dynamic_index_in_dim(logits[0], true_length - 1, axis=0, keepdims=True)
-        token = sample(last, sampler, rng)
         flat = {
             p: v
             for p, v in traverse_util.flatten_dict(variables["cache"]).items()
             if p[-1] not in STALE_AR
         }
-        one = jnp.ones((1,), jnp.int32)
-        prefix = Prefix(traverse_util.unflatten_dict(flat), token, true_length, last)
-        return prefix, ResultTokens(jnp.stack([token, one, one], axis=1))
+        return logits, traverse_util.unflatten_dict(flat)
 
-    def _insert_impl(self, prefix, state, slot):
-        rows = traverse_util.flatten_dict(prefix.cache)
-        cache = traverse_util.flatten_dict(state.cache)
-        for path, row in rows.items():
+    def insert(self, prefix_cache, cache, slot):
+        cache = traverse_util.flatten_dict(cache)
+        for path, row in traverse_util.flatten_dict(prefix_cache).items():
             cache[path] = jax.lax.dynamic_update_slice_in_dim(
-                cache[path], row.astype(cache[path].dtype), slot, self._backend._slot_axes[path]
+                cache[path], row.astype(cache[path].dtype), slot, self._slot_axes[path]
             )
-        return DecodeState(
-            cache=traverse_util.unflatten_dict(cache),
-            tokens=state.tokens.at[slot].set(prefix.token[0]),
-            positions=state.positions.at[slot].set(prefix.true_length),
-            generated=state.generated.at[slot].set(1),
-            active=state.active.at[slot].set(True),
-            logits=state.logits.at[slot].set(prefix.logits[0]),
-        )
+        return traverse_util.unflatten_dict(cache)
 
-    def _generate_impl(self, params, state, rng, *, sampler):
-        tokens, positions = state.tokens[:, None], state.positions[:, None]
+    def generate(self, params, cache, tokens, positions):
         logits, variables = self._model.apply(
-            {"params": params, "cache": state.cache},
+            {"params": params, "cache": cache},
             tokens,
             positions,
             model_mode="autoregressive",
             mutable=["cache"],
         )
-        logits = logits[:, 0]
-        new = sample(logits, sampler, rng)
-        valid = state.active & (state.generated - 1 < self.max_decode_steps)
-        generated = jnp.where(valid, state.generated + 1, state.generated)
-        next_state = DecodeState(
-            cache=variables["cache"],
-            tokens=jnp.where(valid, new, state.tokens),
-            positions=jnp.where(valid, state.positions + 1, state.positions),
-            generated=generated,
-            active=state.active,
-            logits=jnp.where(valid[:, None], logits, state.logits),
-        )
-        data = jnp.stack([new, valid.astype(jnp.int32), generated], axis=1)
-        return next_state, ResultTokens(data)
+        return logits[:, 0], variables["cache"]
+
+
+def _zeros(tree: Any) -> Any:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+
+
+class LinenEngine(Engine):
+    """:class:`Engine` with a :class:`LinenBackend` in place of the NNX model's backend.
+
+    Everything else is the engine's own code: bucketing, sampling, per-slot bookkeeping,
+    donation and output shardings.
+    """
+
+    def __init__(self, config: ModelConfig, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self._backend = LinenBackend(config, self._slots, self._backend._slot_axes)
+        ar = P.abstract_model(config, model_mode="autoregressive", cache_batch=self._slots)
+        specs = ar_kv_cache_partition_specs(ar, self._rules, self._mesh, replicate_indivisible=True)
+        self.build_programs(named_shardings(specs, self._mesh))
+
+    def load_params(self, source: Any) -> Any:
+        """Places a Linen params tree on the engine's mesh (replicated)."""
+        return jax.device_put(source, P.replicated(self._mesh))
 
 
 def fill_slots(engine: Engine, params: Any, prompts: list[np.ndarray]) -> DecodeState:

@@ -5,7 +5,9 @@
 - :data:`TINY_CONFIG`: the sizes of a tiny float32 reference decoder;
 - :func:`random_linen_params`: a Linen params tree of random values, without compiling
   initializers;
+- :func:`scanned_maxtext_shapes`: the params of a small scanned MaxText-layout decoder;
 - :func:`assert_same_checkpoint`: two checkpoints hold the same leaves and the same bytes;
+- :func:`edited_copy`: a copy of a checkpoint with some arrays changed;
 - :func:`run_cli` / :func:`assert_one_line_error`: run the ``ckptconv`` command in-process and
   check its one-line ``ckptconv: error: ...`` messages.
 
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 TINY_CONFIG: dict[str, Any] = dict(
@@ -120,6 +123,30 @@ def random_linen_params(config: Any, seed: int = 0) -> dict[str, Any]:
     return jax.tree_util.tree_map_with_path(value, shapes["params"])
 
 
+def scanned_maxtext_shapes(
+    *, emb: int, layers: int, mlp: int, vocab: int
+) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The params of a small scanned MaxText-layout decoder (layers at axis 1), by shape.
+
+    Args:
+        emb: The embedding size.
+        layers: The number of stacked layers.
+        mlp: The MLP's hidden size.
+        vocab: The vocabulary size.
+
+    Returns:
+        Each param's shape, by its path below ``params/params``: an embedding, a final norm and,
+        stacked on axis 1, an MLP kernel, a 4-d attention-output kernel and a norm scale.
+    """
+    return {
+        ("token_embedder", "embedding"): (vocab, emb),
+        ("decoder", "decoder_norm", "scale"): (emb,),
+        ("decoder", "layers", "mlp", "wi", "kernel"): (emb, layers, mlp),
+        ("decoder", "layers", "attn", "out", "kernel"): (2, layers, 4, emb),
+        ("decoder", "layers", "norm", "scale"): (emb, layers),
+    }
+
+
 def assert_same_checkpoint(a: Any, b: Any) -> None:
     """Asserts the same leaves (paths, shapes, dtypes, key types) and the same bytes in each.
 
@@ -139,6 +166,41 @@ def assert_same_checkpoint(a: Any, b: Any) -> None:
         if not leaf.empty:
             x, y = ra.read(path), rb.read(path)
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), path
+
+
+def edited_copy(src: Any, dst: Any, edit: Callable[[tuple, Any], Any]) -> Any:
+    """Copies checkpoint ``src`` to ``dst`` with each array replaced by ``edit(path, array)``.
+
+    Empty leaves, key types, the random-key implementation of key leaves, the custom metadata
+    and the zarr version are kept.
+
+    Args:
+        src: A checkpoint location (path or URL).
+        dst: Where to write the copy.
+        edit: Given a leaf's path and its array (a numpy array it must not change in place),
+            returns the array to write.
+
+    Returns:
+        ``dst``.
+    """
+    from .io import CheckpointReader, CheckpointWriter
+
+    reader = CheckpointReader(src)
+    with CheckpointWriter(
+        dst, use_zarr3=reader.use_zarr3, custom_metadata=reader.custom_metadata
+    ) as writer:
+        for p, leaf in reader.leaves().items():
+            if leaf.empty:
+                writer.write_empty(p, key_types=reader.key_types(p))
+                continue
+            ext = reader.ext_metadata(p) or {}
+            writer.write(
+                p,
+                edit(p, reader.read(p)),
+                key_types=reader.key_types(p),
+                random_key_impl=ext.get("random_key_impl"),
+            )
+    return dst
 
 
 def run_cli(*args: Any) -> tuple[int, str, str]:

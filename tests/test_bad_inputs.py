@@ -295,49 +295,31 @@ def _(tmp, a):
 # -- options -----------------------------------------------------------------------------------
 
 
-@case("unknown-dtype")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--dtype", "float7", needles=["float7"])
+# Options refused on fixture A (linen-to-nnx into tmp/out): the options, then the needles.
+OPTION_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "unknown-dtype": (("--dtype", "float7"), ("float7",)),
+    "integer-dtype-cast": (("--dtype", "int8"), ("int8",)),
+    "rename-without-equals": (("--rename", "nope"), ("REGEX=REPLACEMENT",)),
+    "rename-invalid-regex": (("--rename", "(unclosed=x"), ("(unclosed", "regex")),
+    "rename-collision": (("--rename", "^decoder/.*=decoder/same"), ("decoder/same",)),
+    "rename-empty-component": (("--rename", "decoder_norm="), ("empty",)),
+    "target-not-module-function": (("--target", "nocolon"), ("module:function",)),
+    "target-not-importable": (("--target", "no_such_mod_xyz:f"), ("no_such_mod_xyz",)),
+}
 
 
-@case("integer-dtype-cast")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--dtype", "int8", needles=["int8"])
+def option_case(options: tuple[str, ...], needles: tuple[str, ...]) -> Builder:
+    """The case converting fixture A with ``options``, its error line naming ``needles``."""
+    return lambda tmp, a: convert(a, tmp / "out", *options, needles=needles)
 
 
-@case("rename-without-equals")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--rename", "nope", needles=["REGEX=REPLACEMENT"])
-
-
-@case("rename-invalid-regex")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--rename", "(unclosed=x", needles=["(unclosed", "regex"])
-
-
-@case("rename-collision")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--rename", "^decoder/.*=decoder/same", needles=["decoder/same"])
-
-
-@case("rename-empty-component")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--rename", "decoder_norm=", needles=["empty"])
+for _name, (_options, _needles) in OPTION_CASES.items():
+    case(_name)(option_case(_options, _needles))
 
 
 @case("linen-source-given-to-nnx-to-linen")
 def _(tmp, a):
     return convert(a, tmp / "out", direction="nnx-to-linen", needles=["maxtext"])
-
-
-@case("target-not-module-function")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--target", "nocolon", needles=["module:function"])
-
-
-@case("target-not-importable")
-def _(tmp, a):
-    return convert(a, tmp / "out", "--target", "no_such_mod_xyz:f", needles=["no_such_mod_xyz"])
 
 
 @case("target-shape-mismatch")

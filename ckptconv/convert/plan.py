@@ -18,6 +18,7 @@ from ..io.leaf import KeyPath, Leaf, keystr
 from . import rules
 from .expr import is_data_movement
 from .layouts import OutLeaf, get_layout, matching_layouts, resolve_layout
+from .mapping import Mapping, map_tree, undo_tree
 from .tree import PARAMS, TrainTree
 
 INFO_KEY = "ckptconv"
@@ -62,6 +63,11 @@ class ConvertOptions:
             (one of :data:`~ckptconv.convert.rules.FLOAT_DTYPES`); others are refused.
         params_only: keep the params only (no optimizer state, step or other collections).
         families: names of layer families (``layers`` stacks ``layers_0``, ``layers_1``...).
+        mapping: a mapping file's rules (:mod:`~ckptconv.convert.mapping`), applied to the
+            source's model paths before ``renames``. With a mapping the stacked axes of
+            ``layers`` families are moved only on request (``scan_layers``): the mapping says
+            where every axis goes. ``nnx-to-linen`` applies it to the NNX model paths instead
+            of undoing the recorded one.
     """
 
     layout: str | None = None
@@ -73,6 +79,7 @@ class ConvertOptions:
     dtype: str | None = None
     params_only: bool = False
     families: tuple[str, ...] = rules.DEFAULT_FAMILIES
+    mapping: Mapping | None = None
 
 
 DEFAULT_OPTIONS = ConvertOptions()
@@ -248,10 +255,12 @@ def plan_linen_to_nnx(
     """
     if options.dtype:
         _check_dtype(options.dtype)
-    tree = _parse_linen_source(leaves, custom_metadata, options.layout, where)
+    layout = options.layout or (options.mapping.layout if options.mapping else None)
+    tree = _parse_linen_source(leaves, custom_metadata, layout, where)
     src_layout = tree.info["source_layout"]
     if options.params_only:
         _params_only(tree)
+    steps = map_tree(tree, options.mapping) if options.mapping else None
     mapping = rules.rename(tree, options.renames)
     recorded = recorded_info(custom_metadata)
     linen_axis = _pick_axis(
@@ -264,13 +273,15 @@ def plan_linen_to_nnx(
     nnx_axis = _pick_axis(
         options.nnx_scan_axis, None, DEFAULT_NNX_SCAN_AXIS, NNX_AXIS_OPTION, where
     )
-    change = _restack(
-        tree,
-        options.scan_layers,
-        (linen_axis, LINEN_AXIS_OPTION),
-        (nnx_axis, NNX_AXIS_OPTION),
-        options.families,
-    )
+    change = None
+    if steps is None or options.scan_layers is not None:
+        change = _restack(
+            tree,
+            options.scan_layers,
+            (linen_axis, LINEN_AXIS_OPTION),
+            (nnx_axis, NNX_AXIS_OPTION),
+            options.families,
+        )
     if options.dtype:
         rules.cast_params(tree, options.dtype)
     info = {
@@ -283,6 +294,9 @@ def plan_linen_to_nnx(
         "renames": mapping,
         "families": list(options.families),
     }
+    if steps is not None:
+        info["mapping"] = steps
+        info["restack"] = options.scan_layers is not None
     if tree.step is not None:
         info["step_dtype"] = tree.step.dtype
     out = get_layout("nnx").emit(tree)
@@ -352,11 +366,20 @@ def plan_nnx_to_linen(
         scan_layers = False
     elif scan_layers is None and info.get("scan_change") == "unscanned":
         scan_layers = True
-    _restack(
-        tree, scan_layers, (nnx_axis, NNX_AXIS_OPTION), (linen_axis, LINEN_AXIS_OPTION), families
-    )
+    if (info.get("restack", True) and options.mapping is None) or scan_layers is not None:
+        _restack(
+            tree,
+            scan_layers,
+            (nnx_axis, NNX_AXIS_OPTION),
+            (linen_axis, LINEN_AXIS_OPTION),
+            families,
+        )
     inverse = {new: old for old, new in info.get("renames", {}).items()}
     rules.apply_mapping(tree, inverse)
+    if options.mapping is not None:
+        map_tree(tree, options.mapping)
+    elif info.get("mapping"):
+        undo_tree(tree, _recorded_steps(info["mapping"], where))
     rules.rename(tree, options.renames)
     if options.dtype:
         rules.cast_params(tree, options.dtype)
@@ -392,6 +415,17 @@ def _restack(
         rules.scan(tree, dst[0], families, dst[1])
         return "scanned"
     return None
+
+
+def _recorded_steps(batches, where: str) -> list[list[dict]]:
+    """The recorded mapping steps, checked to be lists of step dicts."""
+    if not isinstance(batches, list) or not all(
+        isinstance(b, list) and all(isinstance(s, dict) and "op" in s for s in b) for b in batches
+    ):
+        raise PlanError(
+            f"{where}: the mapping recorded in the custom metadata is not a list of steps"
+        )
+    return batches
 
 
 def _pick_axis(explicit, recorded, default: int, option: str, where: str) -> int:
@@ -453,6 +487,9 @@ def check_against(
 ) -> list[Mismatch]:
     """Compares a plan's output leaves with a target's ``{path: (shape, dtype)}``.
 
+    Only the target's top-level trees (``model``) are checked for extra leaves: an
+    optimizer state and a step have no counterpart in a model.
+
     Returns:
         Every mismatched, missing and extra leaf, in that order, each sorted by path.
     """
@@ -470,8 +507,9 @@ def check_against(
                     f"{leaf.dtype}{list(leaf.shape or ())}",
                 )
             )
+    roots = {p[0] for p in target}
     for path, leaf in plan_leaves.items():
-        if path not in target and not leaf.empty:
+        if path[0] in roots and path not in target and not leaf.empty:
             out.append(
                 Mismatch(keystr(path), "extra", "nothing", f"{leaf.dtype}{list(leaf.shape or ())}")
             )

@@ -149,8 +149,9 @@ class Engine:
         """(Re)builds the jitted ``init``, ``prefill``, ``insert``, ``generate`` and ``free``.
 
         The constructor calls it with the backend's shardings. A subclass that swaps the
-        model calls (``_prefill_impl``, ``_generate_impl``, ...; e.g. the Linen engine of
-        ``benchmarks/bench_engine.py``) calls it again so that its programs are jitted,
+        model calls (its ``_backend``, an object with the ``init_cache``, ``prefill``,
+        ``insert`` and ``generate`` of :mod:`ckptconv.engine.backends`; e.g. the Linen engine
+        of ``benchmarks/bench_engine.py``) calls it again so that its programs are jitted,
         sharded and donated exactly as this class's.
 
         Args:

@@ -116,20 +116,33 @@ def abstract_model(model: Any, *, model_mode: str = "train", cache_batch: int = 
     return adapter.nnx_cached_model(mode=model_mode, batch=cache_batch)
 
 
+def _check_leaves(want: Mapping[Any, Any], have: Mapping[Any, Any], where: str, model: str) -> None:
+    """Raises a :class:`LayoutError` naming the first param ``have`` lacks, adds or mismatches.
+
+    Args:
+        want: The expected ``{path: array or ShapeDtypeStruct}``.
+        have: The given ``{path: array}``.
+        where: What is checked (named first in the message).
+        model: What ``want`` describes (``"the model"``, ``"the model config"``).
+    """
+    for p in sorted(want.keys() - have.keys()):
+        raise LayoutError(f"{where}: lacks param {'/'.join(p)} that {model} has")
+    for p in sorted(have.keys() - want.keys()):
+        raise LayoutError(f"{where}: has param {'/'.join(map(str, p))} that {model} lacks")
+    for p, s in sorted(want.items()):
+        leaf = have[p]
+        if tuple(leaf.shape) != tuple(s.shape) or np.dtype(leaf.dtype) != np.dtype(s.dtype):
+            raise LayoutError(
+                f"{where}: param {'/'.join(p)} is {np.dtype(leaf.dtype).name}"
+                f"{list(leaf.shape)} but {model} expects {np.dtype(s.dtype).name}"
+                f"{list(s.shape)}"
+            )
+
+
 def _check_tree(expected: Any, got: Any, where: str) -> None:
     want = {p: v.get_value() for p, v in variables_by_path(expected).items()}
     have = {p: v.get_value() for p, v in variables_by_path(got).items()}
-    for path in sorted(want.keys() - have.keys()):
-        raise LayoutError(f"{where}: lacks param {'/'.join(path)} that the model has")
-    for path in sorted(have.keys() - want.keys()):
-        raise LayoutError(f"{where}: has param {'/'.join(path)} that the model lacks")
-    for path, leaf in sorted(want.items()):
-        other = have[path]
-        if tuple(other.shape) != tuple(leaf.shape) or other.dtype != leaf.dtype:
-            raise LayoutError(
-                f"{where}: param {'/'.join(path)} is {other.dtype}{list(other.shape)} but the "
-                f"model expects {leaf.dtype}{list(leaf.shape)}"
-            )
+    _check_leaves(want, have, where, "the model")
 
 
 _LINEN_METHODS = ("linen_param_shapes", "from_linen_params", "convert_options")
@@ -162,18 +175,7 @@ def check_linen_params(want: Mapping[Path, Any], tree: Mapping[Any, Any], where:
         LayoutError: A param is missing, extra, or of another shape or dtype (naming it).
     """
     have = tree if all(isinstance(k, tuple) for k in tree) else traverse_util.flatten_dict(tree)
-    for p in sorted(want.keys() - have.keys()):
-        raise LayoutError(f"{where}: lacks param {'/'.join(p)} that the model config has")
-    for p in sorted(have.keys() - want.keys()):
-        raise LayoutError(f"{where}: has param {'/'.join(map(str, p))} that the config lacks")
-    for p, s in sorted(want.items()):
-        leaf = have[p]
-        if tuple(leaf.shape) != tuple(s.shape) or np.dtype(leaf.dtype) != np.dtype(s.dtype):
-            raise LayoutError(
-                f"{where}: param {'/'.join(p)} is {np.dtype(leaf.dtype).name}"
-                f"{list(leaf.shape)} but the model config needs {np.dtype(s.dtype).name}"
-                f"{list(s.shape)}"
-            )
+    _check_leaves(want, have, where, "the model config")
 
 
 def _place(abstract: Any, values: Any, shardings: Any) -> Any:

@@ -32,6 +32,7 @@ from ..errors import CheckpointFormatError, LayoutError
 from . import _format as fmt
 from . import _item, _ocdbt
 from ._permute import ChunkKeys
+from ._slab import slab_box
 from .leaf import KeyPath, Leaf, keystr
 from .location import Location
 
@@ -368,7 +369,8 @@ class CheckpointReader:
             array for a scalar.
 
         Raises:
-            LayoutError: ``path`` is not an array leaf of this checkpoint.
+            LayoutError: ``path`` is not an array leaf of this checkpoint, or ``index`` does not
+                fit its shape.
             CheckpointFormatError: a chunk is missing, truncated or cannot be decoded.
         """
         path = tuple(path)
@@ -378,13 +380,7 @@ class CheckpointReader:
         if index is None:
             view = store
         else:
-            try:
-                view = store[fmt.normalize_index(index, tuple(store.shape))]
-            except (IndexError, ValueError, TypeError) as e:
-                raise LayoutError(
-                    f"{self._location}: slab {index!r} does not fit array {keystr(path)} of shape "
-                    f"{tuple(store.shape)}: {fmt.one_line(e)}"
-                ) from e
+            view = store[slab_box(self._location, path, index, tuple(store.shape))]
         try:
             return np.asarray(view.read().result())
         except Exception as e:
@@ -403,13 +399,7 @@ class CheckpointReader:
         value = self._inline[path]
         if index is None:
             return value.copy()
-        try:
-            return np.array(value[fmt.normalize_index(index, value.shape)])
-        except ValueError as e:
-            raise LayoutError(
-                f"{self._location}: slab {index!r} does not fit array {keystr(path)} of shape "
-                f"{value.shape}: {fmt.one_line(e)}"
-            ) from e
+        return np.array(value[slab_box(self._location, path, index, value.shape)])
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ the module, calls the function with no arguments and checks the result.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -200,40 +202,57 @@ def as_adapter(model: Any) -> Any:
     return model
 
 
+def call_factory(spec: str, option: str = "--model") -> Any:
+    """Imports ``module:function`` and returns what the function returns, called bare.
+
+    Args:
+        spec: e.g. ``"examples.tunix_gemma:adapter"``; the module is imported as Python would
+            (from ``sys.path``, then from the working directory, as ``python -m`` would).
+        option: the option the spec comes from, for errors.
+
+    Raises:
+        ConfigError: The spec is malformed, the module or function cannot be imported, or
+            the function raises.
+    """
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{option} {spec!r}: expected module:function, e.g. mypkg.models:adapter")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # last: never shadows an installed package
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ConfigError(
+            f"{option} {spec}: cannot import module {module_name}: {type(e).__name__}: {e}"
+        ) from e
+    factory: Any = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ConfigError(f"{option} {spec}: module {module_name} has no attribute {attr}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ConfigError(f"{option} {spec}: {attr} is a {type(factory).__name__}, not a function")
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 - the user's function failed: say so, on one line
+        raise ConfigError(f"{option} {spec}: {attr}() raised {type(e).__name__}: {e}") from e
+
+
 def load_adapter(spec: str) -> Any:
     """Imports ``module:function``, calls the function with no arguments, checks the result.
 
     Args:
-        spec: e.g. ``"examples.tunix_gemma:adapter"``; the module is imported as Python would
-            (from ``sys.path``, which includes the working directory when run from the CLI).
+        spec: e.g. ``"examples.tunix_gemma:adapter"`` (see :func:`call_factory`).
 
     Returns:
         The adapter.
 
     Raises:
-        ConfigError: The spec is malformed, the module or function cannot be imported, the
-            function raises, or its result lacks ``nnx_model`` / ``nnx_forward`` (named).
+        ConfigError: The spec cannot be called (see :func:`call_factory`), or its result
+            lacks ``nnx_model`` / ``nnx_forward`` (named).
     """
-    module_name, sep, attr = str(spec).partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"--model {spec!r}: expected module:function, e.g. mypkg.models:adapter")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(
-            f"--model {spec}: cannot import module {module_name}: {type(e).__name__}: {e}"
-        ) from e
-    factory: Any = module
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise ConfigError(f"--model {spec}: module {module_name} has no attribute {attr}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise ConfigError(f"--model {spec}: {attr} is a {type(factory).__name__}, not a function")
-    try:
-        adapter = factory()
-    except Exception as e:  # noqa: BLE001 - the user's function failed: say so, on one line
-        raise ConfigError(f"--model {spec}: {attr}() raised {type(e).__name__}: {e}") from e
+    adapter = call_factory(spec)
+    attr = str(spec).partition(":")[2]
     missing = missing_methods(adapter, REQUIRED_METHODS)
     if missing:
         raise ConfigError(

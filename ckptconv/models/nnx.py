@@ -84,11 +84,17 @@ class KVCache(nnx.Module):
         return {k: v for k, v in vars(self).items() if isinstance(v, nnx.Cache)}
 
 
-class DecoderLayer(nnx.Module):
-    """One decoder layer, with MaxText's submodule names.
+class _Block(nnx.Module):
+    """A part of the decoder (one layer, or all of them) built for one mode.
 
-    ``pre_self_attention_layer_norm``, ``self_attention`` (with ``KVCache_0`` when built for
-    inference), ``post_self_attention_layer_norm`` and ``mlp``.
+    Subclasses create their variables in :meth:`_build` and compute in :meth:`_apply`; both
+    take the same construction and call arguments, as the Linen twin's ``_ModeModule`` do.
+
+    Args:
+        config: The model config.
+        rngs: Parameter initialisation keys.
+        model_mode: ``train`` (no KV cache), ``prefill`` or ``autoregressive``.
+        cache_batch: KV cache rows (unused in train mode).
     """
 
     def __init__(
@@ -100,14 +106,7 @@ class DecoderLayer(nnx.Module):
         cache_batch: int = 1,
     ):
         self.config = config
-        for name, sub in layout.layer_param_specs(config).items():
-            setattr(self, name, _Group(sub, config.param_dtype, rngs))
-        if model_mode != "train":
-            setattr(
-                self.self_attention,
-                layout.KV_CACHE_MODULE,
-                KVCache(config, cache_batch, model_mode),
-            )
+        self._build(rngs, model_mode, cache_batch)
 
     def __call__(
         self,
@@ -117,18 +116,48 @@ class DecoderLayer(nnx.Module):
         *,
         model_mode: str = "train",
     ) -> jax.Array:
+        """Apply the block to embedded ``x [B, T, E]`` (see :meth:`_apply`)."""
+        return self._apply(x, positions, segment_ids, model_mode)
+
+    def _build(self, rngs: nnx.Rngs, model_mode: str, cache_batch: int) -> None:
+        raise NotImplementedError
+
+    def _apply(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, mode: str
+    ) -> jax.Array:
+        raise NotImplementedError
+
+
+class DecoderLayer(_Block):
+    """One decoder layer, with MaxText's submodule names.
+
+    ``pre_self_attention_layer_norm``, ``self_attention`` (with ``KVCache_0`` when built for
+    inference), ``post_self_attention_layer_norm`` and ``mlp``.
+    """
+
+    def _build(self, rngs: nnx.Rngs, model_mode: str, cache_batch: int) -> None:
+        for name, sub in layout.layer_param_specs(self.config).items():
+            setattr(self, name, _Group(sub, self.config.param_dtype, rngs))
+        if model_mode != "train":
+            setattr(
+                self.self_attention,
+                layout.KV_CACHE_MODULE,
+                KVCache(self.config, cache_batch, model_mode),
+            )
+
+    def _apply(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, mode: str
+    ) -> jax.Array:
         """Apply the layer to ``x [B, T, E]``; updates ``KVCache_0`` when inferring."""
         params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
         kv = getattr(self.self_attention, layout.KV_CACHE_MODULE, None)
         cache = None
-        if model_mode != "train":
+        if mode != "train":
             if kv is None:
-                raise ModelInputError(
-                    f"model_mode={model_mode!r} needs a model built with a KV cache"
-                )
+                raise ModelInputError(f"model_mode={mode!r} needs a model built with a KV cache")
             cache = kv.as_dict()
         y, new_cache = mmath.decoder_layer(
-            params, x, positions, segment_ids, config=self.config, mode=model_mode, cache=cache
+            params, x, positions, segment_ids, config=self.config, mode=mode, cache=cache
         )
         if new_cache is not None:
             kv.assign(new_cache)
@@ -152,18 +181,11 @@ def _stacked_layers(
     return make(rngs)
 
 
-class Decoder(nnx.Module):
+class Decoder(_Block):
     """The layers (``layers`` stacked, or ``layers_{i}``), ``decoder_norm``, ``logits_dense``."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        rngs: nnx.Rngs,
-        model_mode: str = "train",
-        cache_batch: int = 1,
-    ):
-        self.config = config
+    def _build(self, rngs: nnx.Rngs, model_mode: str, cache_batch: int) -> None:
+        config = self.config
         if config.scan_layers:
             self.layers = _stacked_layers(config, rngs, model_mode, cache_batch)
         else:
@@ -193,21 +215,16 @@ class Decoder(nnx.Module):
             nnx.update(self.layers, new_caches)
         return x
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array | None,
-        *,
-        model_mode: str = "train",
+    def _apply(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, mode: str
     ) -> jax.Array:
         """Run the layers on embedded ``x [B, T, E]``; float32 logits ``[B, T, V]``."""
         cfg = self.config
         if cfg.scan_layers:
-            x = self._scan(x, positions, segment_ids, model_mode)
+            x = self._scan(x, positions, segment_ids, mode)
         else:
             for i in range(cfg.num_decoder_layers):
-                x = getattr(self, f"layers_{i}")(x, positions, segment_ids, model_mode=model_mode)
+                x = getattr(self, f"layers_{i}")(x, positions, segment_ids, model_mode=mode)
         head = {
             "decoder_norm": {"scale": self.decoder_norm.scale.get_value()},
             "logits_dense": {"kernel": self.logits_dense.kernel.get_value()},

@@ -7,6 +7,7 @@ and loads Linen params (checkpoints converted in memory, or trees) for the engin
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 import jax
@@ -21,6 +22,19 @@ from .config import ModelConfig
 STALE_AR = ("cached_ar_key", "cached_ar_value")
 """AR keys and values a prefix leaves out: the engine's insert resets the slot's AR index,
 which masks them."""
+
+
+def _config_field(name: str, doc: str) -> property:
+    """A read-only property that reads ``self.config.<name>``.
+
+    Args:
+        name: The :class:`~ckptconv.models.config.ModelConfig` field.
+        doc: The property's docstring.
+
+    Returns:
+        The property.
+    """
+    return property(attrgetter(f"config.{name}"), doc=doc)
 
 
 class ReferenceAdapter:
@@ -45,30 +59,15 @@ class ReferenceAdapter:
         return f"ReferenceAdapter({self.config!r})"
 
     # -- sizes --------------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        """The vocabulary size."""
-        return self.config.vocab_size
-
-    @property
-    def max_prefill_length(self) -> int:
-        """Longest prompt (``max_prefill_predict_length``)."""
-        return self.config.max_prefill_predict_length
-
-    @property
-    def max_target_length(self) -> int:
-        """Prompt plus generated tokens."""
-        return self.config.max_target_length
-
-    @property
-    def activation_dtype(self) -> Any:
-        """The activation dtype (sets the decode check's tolerance)."""
-        return self.config.activation_dtype
-
-    @property
-    def dtype_name(self) -> str:
-        """The activation dtype's name, as the config spells it."""
-        return self.config.dtype
+    vocab_size = _config_field("vocab_size", "The vocabulary size.")
+    max_prefill_length = _config_field(
+        "max_prefill_predict_length", "Longest prompt (``max_prefill_predict_length``)."
+    )
+    max_target_length = _config_field("max_target_length", "Prompt plus generated tokens.")
+    activation_dtype = _config_field(
+        "activation_dtype", "The activation dtype (sets the decode check's tolerance)."
+    )
+    dtype_name = _config_field("dtype", "The activation dtype's name, as the config spells it.")
 
     # -- the ModelAdapter protocol ------------------------------------------------------------
     def nnx_model(self) -> mnnx.Transformer:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -205,8 +205,9 @@ def _annotate(
 ) -> list[_Annotated]:
     """The one body behind the public spec functions: ``mode`` picks the variables and checks.
 
-    Called directly by each public function (never through another helper), so that the
-    ``stacklevel`` of :func:`_fit`'s warning points at the user's call.
+    Called directly by each public function (those of :func:`_spec_function` and
+    :func:`annotation_rows`, never through another helper), so that the ``stacklevel`` of
+    :func:`_fit`'s warning points at the user's call.
     """
     if mode not in MODES:
         raise ShardingError(f"unknown annotation mode {mode!r}; expected one of {MODES}")
@@ -247,15 +248,35 @@ def _to_tree(entries: list[_Annotated]) -> dict[Any, Any]:
     return traverse_util.unflatten_dict({e.path: e.spec for e in entries})
 
 
-def param_partition_specs(
-    abstract_model: Any,
-    rules: LogicalAxisRules,
-    mesh: Any,
-    *,
-    replicate_indivisible: bool = False,
-    report: list[Fallback] | None = None,
-    layer_axis: int = 0,
-) -> dict[Any, Any]:
+def _spec_function(mode: str, name: str, doc: str) -> Callable[..., dict[Any, Any]]:
+    """Builds the public spec function of ``mode``: the three differ only in mode and docs.
+
+    The function built calls :func:`_annotate` itself, so that the ``stacklevel`` of
+    :func:`_fit`'s warning points at the user's call.
+    """
+
+    def specs(
+        abstract_model: Any,
+        rules: LogicalAxisRules,
+        mesh: Any,
+        *,
+        replicate_indivisible: bool = False,
+        report: list[Fallback] | None = None,
+        layer_axis: int = 0,
+    ) -> dict[Any, Any]:
+        entries = _annotate(
+            abstract_model, rules, mesh, mode, replicate_indivisible, report, layer_axis
+        )
+        return _to_tree(entries)
+
+    specs.__name__ = specs.__qualname__ = name
+    specs.__doc__ = doc
+    return specs
+
+
+param_partition_specs = _spec_function(
+    "params",
+    "param_partition_specs",
     """Returns a ``PartitionSpec`` for every ``nnx.Param`` of an abstract model.
 
     Args:
@@ -289,22 +310,13 @@ def param_partition_specs(
         >>> mesh = jax.sharding.AbstractMesh((1, 1), ("fsdp", "tensor"))
         >>> param_partition_specs(model, get_preset("fsdp-tp"), mesh)
         {'w': P(None, None)}
-    """
-    entries = _annotate(
-        abstract_model, rules, mesh, "params", replicate_indivisible, report, layer_axis
-    )
-    return _to_tree(entries)
+    """,
+)
 
 
-def prefill_kv_cache_partition_specs(
-    abstract_model: Any,
-    rules: LogicalAxisRules,
-    mesh: Any,
-    *,
-    replicate_indivisible: bool = False,
-    report: list[Fallback] | None = None,
-    layer_axis: int = 0,
-) -> dict[Any, Any]:
+prefill_kv_cache_partition_specs = _spec_function(
+    "prefill",
+    "prefill_kv_cache_partition_specs",
     """Returns a ``PartitionSpec`` for every ``nnx.Cache`` of a model built in prefill mode.
 
     Prefill caches name their batch axis ``cache_batch_prefill``.
@@ -337,22 +349,13 @@ def prefill_kv_cache_partition_specs(
         >>> mesh = jax.sharding.AbstractMesh((2, 4), ("data", "tensor"))
         >>> prefill_kv_cache_partition_specs(model, get_preset("fsdp-tp"), mesh)
         {'k': P(None, None, 'tensor', None)}
-    """
-    entries = _annotate(
-        abstract_model, rules, mesh, "prefill", replicate_indivisible, report, layer_axis
-    )
-    return _to_tree(entries)
+    """,
+)
 
 
-def ar_kv_cache_partition_specs(
-    abstract_model: Any,
-    rules: LogicalAxisRules,
-    mesh: Any,
-    *,
-    replicate_indivisible: bool = False,
-    report: list[Fallback] | None = None,
-    layer_axis: int = 0,
-) -> dict[Any, Any]:
+ar_kv_cache_partition_specs = _spec_function(
+    "ar",
+    "ar_kv_cache_partition_specs",
     """Returns a ``PartitionSpec`` for every ``nnx.Cache`` of a model built in AR mode.
 
     Autoregressive (decode) caches name their slot axis ``cache_batch``. The arguments and the
@@ -376,11 +379,8 @@ def ar_kv_cache_partition_specs(
         >>> mesh = jax.sharding.AbstractMesh((2, 4), ("data", "tensor"))
         >>> ar_kv_cache_partition_specs(state, get_preset("fsdp-tp"), mesh)
         {'k': P('data', None, 'tensor', None)}
-    """
-    entries = _annotate(
-        abstract_model, rules, mesh, "ar", replicate_indivisible, report, layer_axis
-    )
-    return _to_tree(entries)
+    """,
+)
 
 
 def named_shardings(specs: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -476,17 +476,18 @@ def annotation_rows(
         ShardingError: an unknown mode, or as for the spec functions.
 
     Example:
-        >>> import jax, jax.numpy as jnp
+        One row for the one param of an abstract state:
+
+        >>> import jax
         >>> from flax import nnx
         >>> from ckptconv.sharding import get_preset
-        >>> class M(nnx.Module):
-        ...     def __init__(self):
-        ...         self.w = nnx.Param(jnp.zeros((4, 8)), out_sharding=("embed", "mlp"))
+        >>> w = jax.ShapeDtypeStruct((4, 8), "float32")
         >>> with nnx.use_eager_sharding(False):
-        ...     model = nnx.eval_shape(M)
+        ...     state = nnx.State({"w": nnx.Param(w, out_sharding=("embed", "mlp"))})
         >>> mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
-        >>> annotation_rows(model, get_preset("fsdp-tp"), mesh, "params")[0]["shard_shape"]
-        (2, 2)
+        >>> [row] = annotation_rows(state, get_preset("fsdp-tp"), mesh, "params")
+        >>> row["path"], row["spec"], row["shard_shape"]
+        ('w', P('fsdp', 'tensor'), (2, 2))
     """
     entries = _annotate(
         abstract_model, rules, mesh, mode, replicate_indivisible, report, layer_axis

@@ -28,7 +28,7 @@ from ckptconv.convert.distributed import (
 )
 from ckptconv.convert.launch import launch
 from ckptconv.io import CheckpointReader, CheckpointWriter
-from ckptconv.testing import assert_same_checkpoint
+from ckptconv.testing import assert_same_checkpoint, scanned_maxtext_shapes
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
 
@@ -103,13 +103,7 @@ def synthetic(tmp_path_factory) -> pathlib.Path:
     """A MaxText-layout scanned checkpoint, many chunks per array; the mlp kernel is largest."""
     path = tmp_path_factory.mktemp("synthetic") / "linen"
     rng = np.random.default_rng(0)
-    shapes = {
-        ("token_embedder", "embedding"): (V, E),
-        ("decoder", "decoder_norm", "scale"): (E,),
-        ("decoder", "layers", "mlp", "wi", "kernel"): (E, L, M),
-        ("decoder", "layers", "attn", "out", "kernel"): (2, L, 4, E),
-        ("decoder", "layers", "norm", "scale"): (E, L),
-    }
+    shapes = scanned_maxtext_shapes(emb=E, layers=L, mlp=M, vocab=V)
     with CheckpointWriter(path, chunk_bytes=1024, custom_metadata={"scan_layers": True}) as w:
         for rel, shape in shapes.items():
             w.write(("params", "params", *rel), rng.standard_normal(shape).astype(np.float32))

@@ -10,10 +10,15 @@ from hypothesis import strategies as st
 
 from ckptconv.convert.expr import (
     Cast,
+    Concat,
     MoveAxis,
+    Reshape,
+    Slice,
     Src,
     Stack,
     Take,
+    Transpose,
+    concat,
     evaluate,
     move_axis,
     permuted_source,
@@ -45,6 +50,14 @@ def numpy_eval(x, arrays):
         return np.take(numpy_eval(x.x, arrays), x.index, axis=x.axis)
     if isinstance(x, Stack):
         return np.stack([numpy_eval(e, arrays) for e in x.xs], axis=x.axis)
+    if isinstance(x, Transpose):
+        return np.transpose(numpy_eval(x.x, arrays), x.perm)
+    if isinstance(x, Reshape):
+        return numpy_eval(x.x, arrays).reshape(x.shape)
+    if isinstance(x, Slice):
+        return np.take(numpy_eval(x.x, arrays), range(x.start, x.stop), axis=x.axis)
+    if isinstance(x, Concat):
+        return np.concatenate([numpy_eval(e, arrays) for e in x.xs], axis=x.axis)
     if isinstance(x, Cast):
         dtype = ml_dtypes.bfloat16 if x.dtype == "bfloat16" else x.dtype
         return numpy_eval(x.x, arrays).astype(dtype)
@@ -66,10 +79,19 @@ def expressions(draw):
     x = Stack(tuple(source(shape) for _ in range(n)), draw(st.integers(0, len(shape))))
     if n == 1 and draw(st.booleans()):
         x = x.xs[0]
-    for _ in range(draw(st.integers(0, 3))):
+    for _ in range(draw(st.integers(0, 4))):
         nd = len(x.shape)
-        op = draw(st.sampled_from(["move", "take", "cast"]))
-        if op == "move" and nd > 1:
+        op = draw(st.sampled_from(["move", "take", "cast", "transpose", "reshape", "split"]))
+        if op == "transpose":
+            x = Transpose(x, tuple(draw(st.permutations(range(nd)))))
+        elif op == "reshape":
+            x = Reshape(x, _factor(draw, int(np.prod(x.shape))))
+        elif op == "split" and x.shape[0] > 1:
+            cut = draw(st.integers(1, x.shape[0] - 1))
+            parts = [Slice(x, 0, 0, cut), Slice(x, 0, cut, x.shape[0])]
+            keep = draw(st.sampled_from(["first", "second", "concat"]))
+            x = {"first": parts[0], "second": parts[1], "concat": Concat(tuple(parts), 0)}[keep]
+        elif op == "move" and nd > 1:
             x = MoveAxis(x, draw(st.integers(0, nd - 1)), draw(st.integers(0, nd - 1)))
         elif op == "take" and nd > 1:
             axis = draw(st.integers(0, nd - 1))
@@ -84,7 +106,19 @@ def expressions(draw):
     return x, arrays, index
 
 
-@settings(max_examples=150, deadline=None)
+def _factor(draw, n: int) -> tuple[int, ...]:
+    """A random shape with ``n`` elements, size-1 axes included."""
+    dims = []
+    while n > 1:
+        d = draw(st.sampled_from([k for k in range(2, n + 1) if n % k == 0]))
+        dims.append(d)
+        n //= d
+    if draw(st.booleans()):
+        dims.insert(draw(st.integers(0, len(dims))), 1)
+    return tuple(dims) or (1,)
+
+
+@settings(max_examples=300, deadline=None)
 @given(expressions())
 def test_slab_evaluation_equals_slicing_the_whole(case):
     x, arrays, index = case
@@ -102,6 +136,27 @@ def test_a_slab_reads_only_the_source_slab_it_needs():
     store = Store({("w",): np.zeros((4, 6, 8), np.float32)})
     evaluate(Take(MoveAxis(src, 1, 0), 0, 2), store.read, index=(slice(1, 3),))
     assert store.reads == [(("w",), (slice(1, 3), slice(2, 3), slice(0, 8)))]
+
+
+def test_a_reshape_slab_reads_one_box_not_the_whole_array():
+    src = Src(("w",), (8, 12), "float32")
+    arrays = {("w",): np.arange(96, dtype=np.float32).reshape(8, 12)}
+    store = Store(arrays)
+    x = Reshape(src, (8, 3, 4))
+    out = evaluate(x, store.read, index=(slice(2, 4), slice(1, 2)))
+    np.testing.assert_array_equal(out, arrays[("w",)].reshape(8, 3, 4)[2:4, 1:2])
+    assert store.reads == [(("w",), (slice(2, 4), slice(4, 8)))]
+    merged = Reshape(src, (96,))
+    store.reads.clear()
+    evaluate(merged, store.read, index=(slice(30, 40),))
+    assert store.reads == [(("w",), (slice(2, 4), slice(0, 12)))]
+
+
+def test_concat_of_a_split_is_the_source_itself():
+    src = Src(("w",), (6, 2), "float32")
+    parts = [Slice(src, 0, 0, 2), Slice(src, 0, 2, 6)]
+    assert concat(parts, 0) == src
+    assert concat(parts[::-1], 0) != src
 
 
 def test_scalar_results_stay_scalars():
@@ -141,6 +196,13 @@ def test_source_chunk_box_follows_every_operation():
     assert source_chunk_box(Take(a, 1, 0), chunks.get) == (2, 4)
     assert source_chunk_box(Stack((b, b, b), 1), chunks.get) == (5, 1, 6)
     assert source_chunk_box(Cast(b, "bfloat16"), chunks.get) == (5, 6)
+    assert source_chunk_box(Transpose(a, (1, 2, 0)), chunks.get) == (3, 4, 2)
+    assert source_chunk_box(Slice(a, 0, 2, 6), chunks.get) == (2, 3, 4)
+    # merging the two trailing axes of a chunk that holds them whole keeps its rows
+    assert source_chunk_box(
+        Reshape(Src(("c",), (8, 6, 4), "f"), (8, 24)), {("c",): (2, 6, 4)}.get
+    ) == (2, 24)
+    assert source_chunk_box(Reshape(b, (10, 3, 4)), chunks.get) == (5, 1, 4)
     # a chunk larger than the array (zarr2 pads edge chunks) is clipped
     assert source_chunk_box(Src(("c",), (3,), "int8"), {("c",): (8,)}.get) == (3,)
 

@@ -12,7 +12,7 @@ import pytest
 
 from ckptconv.convert import ConvertOptions, compare, convert
 from ckptconv.io import CheckpointReader, CheckpointWriter
-from ckptconv.testing import assert_same_checkpoint
+from ckptconv.testing import assert_same_checkpoint, scanned_maxtext_shapes
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
 
@@ -26,13 +26,7 @@ def build_linen(path, *, zarr3: bool, dtype: str, multi_chunk: bool, seed: int =
     """A MaxText-layout scanned checkpoint (layers at axis 1) with AdamW mu/nu."""
     rng = np.random.default_rng(seed)
     dt = DTYPES[dtype]
-    model = {
-        ("token_embedder", "embedding"): (V, E),
-        ("decoder", "decoder_norm", "scale"): (E,),
-        ("decoder", "layers", "mlp", "wi", "kernel"): (E, L, M),
-        ("decoder", "layers", "attn", "out", "kernel"): (2, L, 4, E),
-        ("decoder", "layers", "norm", "scale"): (E, L),
-    }
+    model = scanned_maxtext_shapes(emb=E, layers=L, mlp=M, vocab=V)
     itemsize = np.dtype(dt).itemsize
     # A few rows per chunk: the 3-d and 4-d kernels span several chunks.
     chunk_bytes = 2 * L * M * itemsize if multi_chunk else 1 << 20

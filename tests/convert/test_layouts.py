@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-from ckptconv.cli import main
 from ckptconv.convert import layouts
 from ckptconv.convert.layouts import detect_layout, get_layout, resolve_layout
 from ckptconv.convert.plan import ConvertOptions, plan_linen_to_nnx, plan_nnx_to_linen
 from ckptconv.errors import LayoutError
 from ckptconv.io.leaf import Leaf
+from ckptconv.testing import assert_one_line_error, run_cli
 
 
 def tree(*paths, shape=(2,)):
@@ -28,19 +27,6 @@ FLAX = tree(("params", "dense", "kernel"), ("batch_stats", "bn", "mean"))
 def nnx_of(leaves):
     plan = plan_linen_to_nnx(leaves, {})
     return plan.output_leaves(), plan.custom_metadata
-
-
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stderr
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ckptconv: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 # --- B: a forced --layout that contradicts detection is refused, naming the detected one -----
@@ -67,8 +53,8 @@ def test_forced_layout_that_agrees_is_used():
 
 def test_cli_forced_flax_on_fixture_a_is_refused(maxtext_fixtures, tmp_path):
     src = maxtext_fixtures / "A" / "ckpt"
-    code, err = cli("linen-to-nnx", src, tmp_path / "out", "--layout", "flax")
-    one_line_error(code, err, "--layout flax", "maxtext")
+    code, _, err = run_cli("linen-to-nnx", src, tmp_path / "out", "--layout", "flax")
+    assert_one_line_error(code, err, "--layout flax", "maxtext")
     assert not (tmp_path / "out").exists()
 
 
@@ -82,10 +68,10 @@ def test_forced_layout_when_nothing_is_detected_says_so():
 
 
 def test_cli_linen_to_nnx_of_an_nnx_checkpoint_names_nnx(maxtext_fixtures, tmp_path):
-    code, err = cli("linen-to-nnx", maxtext_fixtures / "A" / "ckpt", tmp_path / "nnx")
+    code, _, err = run_cli("linen-to-nnx", maxtext_fixtures / "A" / "ckpt", tmp_path / "nnx")
     assert code == 0, err
-    code, err = cli("linen-to-nnx", tmp_path / "nnx", tmp_path / "o", "--layout", "maxtext")
-    one_line_error(
+    code, _, err = run_cli("linen-to-nnx", tmp_path / "nnx", tmp_path / "o", "--layout", "maxtext")
+    assert_one_line_error(
         code, err, "is an nnx checkpoint (detected)", "--layout maxtext", "use nnx-to-linen"
     )
     assert not (tmp_path / "o").exists()
@@ -112,12 +98,14 @@ def test_nnx_to_linen_of_a_linen_source_names_its_layout():
 
 
 def test_cli_nnx_to_linen_layout_maxtext(maxtext_fixtures, tmp_path):
-    code, err = cli("linen-to-nnx", maxtext_fixtures / "A" / "ckpt", tmp_path / "nnx")
+    code, _, err = run_cli("linen-to-nnx", maxtext_fixtures / "A" / "ckpt", tmp_path / "nnx")
     assert code == 0, err
-    code, err = cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "back", "--layout", "maxtext")
-    one_line_error(code, err, "--layout maxtext", "nnx", "--to maxtext")
+    code, _, err = run_cli(
+        "nnx-to-linen", tmp_path / "nnx", tmp_path / "back", "--layout", "maxtext"
+    )
+    assert_one_line_error(code, err, "--layout maxtext", "nnx", "--to maxtext")
     assert not (tmp_path / "back").exists()
-    code, err = cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "back", "--to", "maxtext")
+    code, _, err = run_cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "back", "--to", "maxtext")
     assert code == 0, err
 
 

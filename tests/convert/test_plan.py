@@ -368,6 +368,12 @@ def test_require_target_names_every_problem_in_one_line():
         require_target(plan, {kernel: ((3, 2), "float32")})
     msg = str(e.value)
     assert msg.startswith("output does not match the target: model/dense/kernel/value: mismatch")
-    assert "optimizer/step/value: extra" in msg and "\n" not in msg
+    assert "\n" not in msg and "optimizer/" not in msg
+    # a model leaf the target lacks is extra; the optimizer state and step are not the model's
+    with pytest.raises(PlanError) as e:
+        require_target(plan, {("model", "other", "value"): ((2, 3), "float32")})
+    msg = str(e.value)
+    assert "model/other/value: missing" in msg and "model/dense/kernel/value: extra" in msg
+    assert "optimizer/" not in msg
     many = check_against({}, {("model", str(i)): ((1,), "int8") for i in range(7)})
     assert str(mismatch_error(many, "x")).endswith("(and 2 more)")

@@ -7,9 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from ckptconv.cli import main
 from ckptconv.convert import compare, convert
 from ckptconv.convert.expr import evaluate
 from ckptconv.convert.plan import ConvertOptions, plan_linen_to_nnx, plan_nnx_to_linen
@@ -17,6 +15,7 @@ from ckptconv.errors import PlanError
 from ckptconv.io import CheckpointWriter
 from ckptconv.io.leaf import Leaf
 from ckptconv.io.sources import open_source
+from ckptconv.testing import assert_one_line_error, run_cli
 
 
 def leaf(*path, shape=(2,), dtype="float32"):
@@ -42,20 +41,6 @@ def run(plan, data):
         return data[path] if index is None else data[path][index]
 
     return {o.path: evaluate(o.expr, read) for o in plan.leaves}
-
-
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stderr
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ckptconv: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # A scanned Flax tree like the issue's: a rank-3 kernel (64, 4, 160) with 4 layers on axis 1.
@@ -117,10 +102,10 @@ def test_out_of_range_axis_is_refused_in_nnx_to_linen():
 
 
 def test_cli_refuses_out_of_range_scan_axis(maxtext_fixtures, tmp_path):
-    code, err = cli(
+    code, _, err = run_cli(
         "linen-to-nnx", maxtext_fixtures / "A" / "ckpt", tmp_path / "out", "--nnx-scan-axis", "7"
     )
-    one_line_error(code, err, "decoder/layers/", "--nnx-scan-axis 7", "rank-")
+    assert_one_line_error(code, err, "decoder/layers/", "--nnx-scan-axis 7", "rank-")
     assert not (tmp_path / "out").exists()
 
 
@@ -178,7 +163,7 @@ def test_negative_axis_when_stacking_follows_numpy_stack_and_inverts():
 
 def test_cli_negative_axis_on_fixture_a_follows_numpy_and_round_trips(maxtext_fixtures, tmp_path):
     src = maxtext_fixtures / "A" / "ckpt"
-    code, err = cli("linen-to-nnx", src, tmp_path / "nnx", "--nnx-scan-axis", "-1")
+    code, _, err = run_cli("linen-to-nnx", src, tmp_path / "nnx", "--nnx-scan-axis", "-1")
     assert code == 0, err
     out = open_source(tmp_path / "nnx")
     leaves = out.leaves()
@@ -189,7 +174,7 @@ def test_cli_negative_axis_on_fixture_a_follows_numpy_and_round_trips(maxtext_fi
     assert leaves[norm].shape == (64, 2)  # (embed, layers): its own last axis
     rng = ("model", "decoder", "layers", "self_attention", "rngs", "params", "key", "value")
     assert leaves[rng].shape == (2, 4)  # rng state stays at axis 0
-    code, err = cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "back")
+    code, _, err = run_cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "back")
     assert code == 0, err
     assert compare(src, tmp_path / "back").bit_exact
 
@@ -302,8 +287,8 @@ def test_rng_state_stored_for_some_layers_only_is_refused_not_left_behind(rng_la
 
 def test_cli_scan_layers_on_fixture_b_refuses_its_shared_rng_state(maxtext_fixtures, tmp_path):
     src = maxtext_fixtures / "B" / "ckpt"
-    code, err = cli("linen-to-nnx", src, tmp_path / "nnx", "--scan-layers")
-    one_line_error(code, err, "decoder/layers_1/self_attention/rngs/", "--params-only")
+    code, _, err = run_cli("linen-to-nnx", src, tmp_path / "nnx", "--scan-layers")
+    assert_one_line_error(code, err, "decoder/layers_1/self_attention/rngs/", "--params-only")
     assert not (tmp_path / "nnx").exists()
 
 
@@ -375,7 +360,7 @@ def test_scan_layers_round_trip_through_the_files_is_bit_exact(tmp_path):
     assert not any(seg.startswith("layers_") for p in written for seg in p)
     rng = ("model", "decoder", "layers", "self_attention", "rngs", "dropout", "key", "value")
     assert written[rng].shape == (2, 4)
-    code, err = cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "back")
+    code, _, err = run_cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "back")
     assert code == 0, err
     assert set(open_source(tmp_path / "back").leaves()) == set(leaves)
     assert compare(tmp_path / "src", tmp_path / "back").bit_exact
@@ -423,8 +408,8 @@ def test_rename_is_undone_by_nnx_to_linen():
 def test_cli_rename_collision(maxtext_fixtures, tmp_path):
     src = tmp_path / "A"
     shutil.copytree(maxtext_fixtures / "A" / "ckpt", src)
-    code, err = cli("linen-to-nnx", src, tmp_path / "out", "--rename", "wi_[01]=wi")
-    one_line_error(code, err, "decoder/layers/mlp/wi/kernel", "two model leaves")
+    code, _, err = run_cli("linen-to-nnx", src, tmp_path / "out", "--rename", "wi_[01]=wi")
+    assert_one_line_error(code, err, "decoder/layers/mlp/wi/kernel", "two model leaves")
 
 
 # --- A: --dtype is floating only ------------------------------------------------------------
@@ -451,8 +436,8 @@ def test_unknown_dtype_is_still_refused_and_floats_are_cast():
 
 
 def test_cli_refuses_integer_dtype(maxtext_fixtures, tmp_path):
-    code, err = cli(
+    code, _, err = run_cli(
         "linen-to-nnx", maxtext_fixtures / "A" / "ckpt", tmp_path / "o", "--dtype", "int8"
     )
-    one_line_error(code, err, "--dtype int8", "float32")
+    assert_one_line_error(code, err, "--dtype int8", "float32")
     assert not (tmp_path / "o").exists()

@@ -8,30 +8,10 @@ import pytest
 
 from ckptconv.convert import convert
 from ckptconv.engine.verify import compare_decode, compare_weights, decode_atol, weights_atol
-from ckptconv.io import CheckpointReader, CheckpointWriter
-from ckptconv.testing import run_cli
+from ckptconv.testing import edited_copy, run_cli
 
 LAYERS = ("model", "decoder", "layers")
 WI_0 = (*LAYERS, "mlp", "wi_0", "kernel", "value")
-
-
-def _edited_copy(src, dst, edit):
-    """A copy of ``src`` with each array replaced by ``edit(path, array)``."""
-    reader = CheckpointReader(src)
-    with CheckpointWriter(
-        dst, use_zarr3=reader.use_zarr3, custom_metadata=reader.custom_metadata
-    ) as writer:
-        for p, leaf in reader.leaves().items():
-            if leaf.empty:
-                writer.write_empty(p, key_types=reader.key_types(p))
-                continue
-            ext = reader.ext_metadata(p) or {}
-            writer.write(
-                p,
-                edit(p, reader.read(p)),
-                key_types=reader.key_types(p),
-                random_key_impl=ext.get("random_key_impl"),
-            )
 
 
 def _one_row_times_1_01(path, value):
@@ -54,7 +34,7 @@ def _variants(root, nnx_ckpt):
     """The faithful conversion and its two broken copies, by name."""
     out = {"faithful": nnx_ckpt}
     for name, edit in (("row", _one_row_times_1_01), ("swapped", _layers_0_and_1_swapped)):
-        _edited_copy(nnx_ckpt, root / name, edit)
+        edited_copy(nnx_ckpt, root / name, edit)
         out[name] = root / name
     return out
 

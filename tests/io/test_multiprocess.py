@@ -29,6 +29,21 @@ def write_halves(folder, *, skip_second: bool = False, use_zarr3: bool = True) -
                 h.write((slice(32, 64),), ROWS[32:])
 
 
+def assert_merge_refused(tmp_path, write, processes, shapes=None, *, match) -> None:
+    """A merge of ``processes`` after ``write(merging)`` raises, and leaves nothing behind.
+
+    ``write`` gets the :class:`MergingWriter` of ``tmp_path / "out"``; the merge must raise a
+    :class:`CheckpointWriteError` matching ``match``, and ``tmp_path`` must hold only what it
+    held before.
+    """
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointWriteError, match=match):
+        with MergingWriter(tmp_path / "out") as merging:
+            write(merging)
+            merging.merge(processes, shapes=shapes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 @pytest.mark.parametrize("use_zarr3", [True, False], ids=["zarr3", "zarr2"])
 def test_merged_processes_restore_with_orbax(tmp_path, use_zarr3):
     dst = tmp_path / "out"
@@ -49,32 +64,38 @@ def test_merged_processes_restore_with_orbax(tmp_path, use_zarr3):
 
 
 def test_a_piece_no_process_wrote_is_an_error(tmp_path):
-    dst = tmp_path / "out"
-    with pytest.raises(
-        CheckpointWriteError,
+    assert_merge_refused(
+        tmp_path,
+        lambda merging: write_halves(merging.folder.local_path, skip_second=True),
+        [0, 1],
+        {W: ROWS.shape, ("step",): ()},
         match=r"^params/w: expected every element of shape \(64, 256\) written, found region "
         r"\[32:64, 0:256\] unwritten \(written by processes 0, 1\)$",
-    ):
-        with MergingWriter(dst) as merging:
-            write_halves(merging.folder.local_path, skip_second=True)
-            merging.merge([0, 1], shapes={W: ROWS.shape, ("step",): ()})
-    assert list(tmp_path.iterdir()) == []
+    )
 
 
 def test_a_process_without_record_is_an_error(tmp_path):
-    with pytest.raises(CheckpointWriteError, match="process 2 left no record"):
-        with MergingWriter(tmp_path / "out") as merging:
-            write_halves(merging.folder.local_path)
-            merging.merge([0, 1, 2])
+    assert_merge_refused(
+        tmp_path,
+        lambda merging: write_halves(merging.folder.local_path),
+        [0, 1, 2],
+        match="process 2 left no record",
+    )
 
 
-def test_copy_of_some_chunks(tmp_path):
-    src = tmp_path / "src"
-    with CheckpointWriter(src, chunk_bytes=32 * 256 * 4) as w:
+@pytest.fixture
+def two_chunk_source(tmp_path) -> CheckpointReader:
+    """A reader of the checkpoint ``tmp_path / "src"``, holding W in two chunks of 32 rows."""
+    with CheckpointWriter(tmp_path / "src", chunk_bytes=32 * 256 * 4) as w:
         w.write(W, ROWS)
-    reader = CheckpointReader(src)
+    reader = CheckpointReader(tmp_path / "src")
+    assert len(reader.chunk_keys(W)) == 2
+    return reader
+
+
+def test_copy_of_some_chunks(tmp_path, two_chunk_source):
+    reader = two_chunk_source
     keys = reader.chunk_keys(W)
-    assert len(keys) == 2
     dst = tmp_path / "out"
     with MergingWriter(dst) as merging:
         for i, key in enumerate(keys):
@@ -94,12 +115,13 @@ def write_rows(folder, shares, *, chunk_rows=8) -> None:
 
 
 def test_shares_that_leave_a_gap_are_refused(tmp_path):
-    dst = tmp_path / "out"
-    with pytest.raises(CheckpointWriteError, match=r"found region \[32:40, 0:256\] unwritten"):
-        with MergingWriter(dst) as merging:
-            write_rows(merging.folder.local_path, [(0, 32), (40, 64)])
-            merging.merge([0, 1], shapes={W: ROWS.shape})
-    assert list(tmp_path.iterdir()) == []
+    assert_merge_refused(
+        tmp_path,
+        lambda merging: write_rows(merging.folder.local_path, [(0, 32), (40, 64)]),
+        [0, 1],
+        {W: ROWS.shape},
+        match=r"found region \[32:40, 0:256\] unwritten",
+    )
 
 
 def test_overlapping_shares_of_whole_chunks_commit(tmp_path):
@@ -114,56 +136,57 @@ def test_overlapping_shares_of_whole_chunks_commit(tmp_path):
 def test_a_chunk_shared_in_part_is_refused(tmp_path):
     # Together the shares cover W, but the merge would keep only one process's copy of rows
     # 32..63, with the other process's rows missing from it.
-    dst = tmp_path / "out"
-    with pytest.raises(
-        CheckpointWriteError,
+    assert_merge_refused(
+        tmp_path,
+        lambda merging: write_rows(merging.folder.local_path, [(0, 40), (36, 64)], chunk_rows=32),
+        [0, 1],
+        {W: ROWS.shape},
         match=r"process 0 wrote chunk \[32:64, 0:256\] in part and another process wrote",
-    ):
-        with MergingWriter(dst) as merging:
-            write_rows(merging.folder.local_path, [(0, 40), (36, 64)], chunk_rows=32)
-            merging.merge([0, 1], shapes={W: ROWS.shape})
-    assert list(tmp_path.iterdir()) == []
+    )
 
 
 def test_a_recorded_shape_must_be_the_expected_one(tmp_path):
-    with pytest.raises(CheckpointWriteError, match=r"expected shape \(64, 128\), found"):
-        with MergingWriter(tmp_path / "out") as merging:
-            write_rows(merging.folder.local_path, [(0, 64)])
-            merging.merge([0], shapes={W: (64, 128)})
+    assert_merge_refused(
+        tmp_path,
+        lambda merging: write_rows(merging.folder.local_path, [(0, 64)]),
+        [0],
+        {W: (64, 128)},
+        match=r"expected shape \(64, 128\), found",
+    )
 
 
 def test_stored_chunks_are_counted_by_index_on_the_grid(tmp_path):
     """Data lost from a process's database is found, and stray keys do not stand in for it."""
-    dst = tmp_path / "out"
-    with pytest.raises(
-        CheckpointWriteError,
+
+    def write_then_lose_and_stray(merging):
+        folder = merging.folder.local_path
+        write_halves(folder)
+        stray = ts.KvStore.open(
+            {"driver": "ocdbt", "base": f"file://{folder}/ocdbt.process_0/"}
+        ).result()
+        for key in ("params.w/c/5/0", "params.w/c/0", "params.w/extra"):
+            stray.write(key, b"x").result()
+        (folder / "ocdbt.process_1" / "manifest.ocdbt").unlink()
+
+    assert_merge_refused(
+        tmp_path,
+        write_then_lose_and_stray,
+        [0, 1],
+        {W: ROWS.shape, ("step",): ()},
         match=r"expected all 2 chunks of its grid \(2, 1\) in the merged database, found 1: "
         r"chunk \[32:64, 0:256\] is missing",
-    ):
-        with MergingWriter(dst) as merging:
-            folder = merging.folder.local_path
-            write_halves(folder)
-            stray = ts.KvStore.open(
-                {"driver": "ocdbt", "base": f"file://{folder}/ocdbt.process_0/"}
-            ).result()
-            for key in ("params.w/c/5/0", "params.w/c/0", "params.w/extra"):
-                stray.write(key, b"x").result()
-            (folder / "ocdbt.process_1" / "manifest.ocdbt").unlink()
-            merging.merge([0, 1], shapes={W: ROWS.shape, ("step",): ()})
-    assert list(tmp_path.iterdir()) == []
+    )
 
 
-def test_copied_chunks_that_leave_a_gap_are_refused(tmp_path):
-    src = tmp_path / "src"
-    with CheckpointWriter(src, chunk_bytes=32 * 256 * 4) as w:
-        w.write(W, ROWS)
-    reader = CheckpointReader(src)
+def test_copied_chunks_that_leave_a_gap_are_refused(tmp_path, two_chunk_source):
+    reader = two_chunk_source
     keys = reader.chunk_keys(W)
-    dst = tmp_path / "out"
-    with pytest.raises(CheckpointWriteError, match=r"region \[0:256, 32:64\] unwritten"):
-        with MergingWriter(dst) as merging:
-            for i, chunks in enumerate([{keys[0]}, set()]):
-                with ProcessStoreWriter(merging.folder, i) as w:
-                    w.copy_array(("model", "w"), reader, W, axes=(1, 0), chunks=chunks)
-            merging.merge([0, 1])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+    def copy_one_chunk_of_two(merging):
+        for i, chunks in enumerate([{keys[0]}, set()]):
+            with ProcessStoreWriter(merging.folder, i) as w:
+                w.copy_array(("model", "w"), reader, W, axes=(1, 0), chunks=chunks)
+
+    assert_merge_refused(
+        tmp_path, copy_one_chunk_of_two, [0, 1], match=r"region \[0:256, 32:64\] unwritten"
+    )

@@ -176,22 +176,13 @@ def perturbed_copy(src, dst, path, factor=1.01):
     """A copy of checkpoint ``src`` at ``dst`` with row 0 of leaf ``path`` times ``factor``."""
     import numpy as np
 
-    from ckptconv.io import CheckpointReader, CheckpointWriter
+    from ckptconv.testing import edited_copy
 
-    reader = CheckpointReader(src)
-    with CheckpointWriter(
-        dst, use_zarr3=reader.use_zarr3, custom_metadata=reader.custom_metadata
-    ) as writer:
-        for p, leaf in reader.leaves().items():
-            if leaf.empty:
-                writer.write_empty(p, key_types=reader.key_types(p))
-                continue
-            value = reader.read(p)
-            if p == path:
-                value = value.copy()
-                value[0] *= np.asarray(factor, value.dtype)
-            ext = reader.ext_metadata(p) or {}
-            writer.write(
-                p, value, key_types=reader.key_types(p), random_key_impl=ext.get("random_key_impl")
-            )
-    return dst
+    def edit(p, value):
+        if p != path:
+            return value
+        value = value.copy()
+        value[0] *= np.asarray(factor, value.dtype)
+        return value
+
+    return edited_copy(src, dst, edit)

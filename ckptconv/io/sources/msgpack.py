@@ -40,6 +40,7 @@ import tensorstore as ts
 
 from ...errors import CheckpointFormatError, LayoutError
 from .. import _format as fmt
+from .._slab import slab_box
 from ..leaf import KeyPath, Leaf, keystr
 from ..location import Location
 from . import _msgpack_scan as scan
@@ -253,14 +254,8 @@ class MsgpackSource:
     def read(self, path: KeyPath, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """Reads one array, or one slab of it, copying only the slab out of the mapping.
 
-        Args:
-            path: the key path of an array leaf.
-            index: a tuple of slices (step 1) selecting one slab, missing trailing axes taken
-                whole; ``None`` reads it all.
-
-        Returns:
-            A new numpy array in the stored dtype (bfloat16 as ``ml_dtypes.bfloat16``); a 0-d
-            array for a scalar.
+        ``path``, ``index`` and the result are as for :meth:`ckptconv.io.CheckpointReader.read`
+        (the result is always a new array).
 
         Raises:
             LayoutError: ``path`` is not an array leaf, or ``index`` does not fit its shape.
@@ -269,13 +264,7 @@ class MsgpackSource:
         path = tuple(path)
         entry = self._array_entry(path)
         shape = tuple(entry.shape) if not isinstance(entry, _Gda) else tuple(entry.store.shape)  # type: ignore[union-attr]
-        try:
-            box = fmt.normalize_index(() if index is None else index, shape)
-        except ValueError as e:
-            raise LayoutError(
-                f"{self.location}: slab {index!r} does not fit array {keystr(path)} of shape "
-                f"{shape}: {fmt.one_line(e)}"
-            ) from e
+        box = slab_box(self.location, path, index, shape)
         if isinstance(entry, np.ndarray):
             return np.array(entry[box])  # indexing a 0-d array gives a scalar; keep an array
         if isinstance(entry, _Gda):

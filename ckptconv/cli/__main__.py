@@ -1,0 +1,5 @@
+"""``python -m ckptconv.cli``."""
+
+from . import main
+
+main()

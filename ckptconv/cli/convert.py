@@ -1,0 +1,292 @@
+"""The conversion commands: linen-to-nnx, nnx-to-linen, map and compare."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from ..errors import PlanError
+from ._app import EXIT_DIFFERENT, _emit, main, user_errors
+
+
+def _parse_renames(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise PlanError(f"--rename {v}: expected REGEX=REPLACEMENT")
+        pattern, repl = v.split("=", 1)
+        out.append((pattern, repl))
+    return tuple(out)
+
+
+def _load_target(spec: str):
+    """Imports ``module:function`` and returns the target leaves of what it returns.
+
+    The function returns an NNX model (concrete or abstract), its state, or a model adapter.
+    """
+    from ..convert import abstract_tree_leaves
+    from ..models.adapter import call_factory
+
+    target = call_factory(spec, "--target")
+    if callable(getattr(target, "nnx_model", None)):
+        target = target.nnx_model()
+    return abstract_tree_leaves(target)
+
+
+def _convert_options(f):
+    for o in reversed([*_plan_options(), *_process_options()]):
+        f = o(f)
+    return f
+
+
+def _plan_options():
+    """The options of a conversion's plan, in ``--help`` order."""
+
+    def scan_axis(kind, default):
+        return click.option(
+            f"--{kind.lower()}-scan-axis",
+            type=int,
+            default=None,
+            help=f"Stacking axis of {kind} params (default: recorded, else {default}). Negative "
+            "counts from the end of each stacked leaf, as numpy.moveaxis; out of range is refused.",
+        )
+
+    def flag(name, help, *decls):
+        return click.option(name, *decls, is_flag=True, help=help)
+
+    return [
+        click.option(
+            "--layout",
+            type=click.Choice(["maxtext", "flax", "params", "nnx"]),
+            default=None,
+            help="Layout of the SOURCE (detected when omitted; refused if it contradicts "
+            "detection). nnx-to-linen reads nnx: use --to to pick the Linen layout to write.",
+        ),
+        click.option(
+            "--rename",
+            "renames",
+            multiple=True,
+            metavar="REGEX=REPLACEMENT",
+            help="Rename model paths ('/'-joined); repeatable.",
+        ),
+        click.option(
+            "--scan-layers/--unscan-layers",
+            default=None,
+            help="Stack layers_{i} families into one scanned module, or split them.",
+        ),
+        scan_axis("Linen", 1),
+        scan_axis("NNX", 0),
+        click.option(
+            "--dtype",
+            default=None,
+            help="Cast floating params to a floating dtype: bfloat16, float16, float32, float64.",
+        ),
+        flag("--params-only", "Keep the params only."),
+        flag("--force", "Replace an existing destination."),
+        flag("--dry-run", "Print the plan; write nothing."),
+        click.option(
+            "--mapping",
+            default=None,
+            metavar="FILE",
+            help="A mapping file (YAML: rename, transpose, reshape, split, concat, stack, "
+            "unstack, cast) applied to the model paths; recorded, so the reverse needs none.",
+        ),
+        click.option(
+            "--target",
+            default=None,
+            metavar="MODULE:FUNCTION",
+            help="Refuse to write unless the model fits this NNX model (or adapter) exactly.",
+        ),
+        flag("--json", "Print one JSON document.", "as_json"),
+    ]
+
+
+def _process_options():
+    """The options of a multi-process conversion (``ckptconv launch`` sets them)."""
+
+    def from_env(name, envvar, help, **kw):
+        return click.option(name, envvar=envvar, show_envvar=True, default=None, help=help, **kw)
+
+    return [
+        from_env(
+            "--coordinator",
+            "JAX_COORDINATOR_ADDRESS",
+            "Convert with several processes: process 0's jax.distributed address.",
+            metavar="HOST:PORT",
+        ),
+        from_env(
+            "--num-processes",
+            "JAX_NUM_PROCESSES",
+            "Number of processes converting together.",
+            type=click.IntRange(1),
+        ),
+        from_env(
+            "--process-id",
+            "JAX_PROCESS_ID",
+            "This process's index among them.",
+            type=click.IntRange(0),
+        ),
+        click.option(
+            "--barrier-timeout",
+            type=click.FloatRange(min=1),
+            default=300.0,
+            show_default=True,
+            help="Seconds a process waits for the others while none makes progress.",
+        ),
+    ]
+
+
+def _run_convert(
+    direction,
+    src,
+    dst,
+    *,
+    layout,
+    renames,
+    scan_layers,
+    linen_scan_axis,
+    nnx_scan_axis,
+    dtype,
+    params_only,
+    force,
+    dry_run,
+    target,
+    as_json,
+    mapping=None,
+    target_layout=None,
+    coordinator=None,
+    num_processes=None,
+    process_id=None,
+    barrier_timeout=300.0,
+    output_format="ocdbt",
+):
+    from ..convert import ConvertOptions, convert
+    from ..convert.mapping import load_mapping
+
+    options = ConvertOptions(
+        layout=layout,
+        target_layout=target_layout,
+        renames=_parse_renames(renames),
+        scan_layers=scan_layers,
+        linen_scan_axis=linen_scan_axis,
+        nnx_scan_axis=nnx_scan_axis,
+        dtype=dtype,
+        params_only=params_only,
+        mapping=load_mapping(mapping) if mapping else None,
+    )
+    target_leaves = _load_target(target) if target else None
+    if dry_run:
+        result = convert(src, None, direction=direction, options=options, target=target_leaves)
+        _emit(result.plan.to_dict(), as_json, result.plan.describe())
+        return
+    show_bar = not as_json and sys.stderr.isatty()
+    bar = None
+    state = {"done": 0}
+
+    def progress(done: int, total: int, path: str) -> None:
+        nonlocal bar
+        if not show_bar:
+            return
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label=direction, file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    run = convert
+    if coordinator or num_processes is not None or process_id is not None:
+        from ..convert.distributed import ProcessSettings, convert_in_processes
+
+        settings = ProcessSettings(coordinator, num_processes, process_id, barrier_timeout)
+        run = functools.partial(convert_in_processes, processes=settings)
+    try:
+        result = run(
+            src,
+            dst,
+            direction=direction,
+            options=options,
+            force=force,
+            target=target_leaves,
+            progress=progress,
+            output_format=output_format,
+        )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    d = result.to_dict()
+    who = f"process {d['process_id']} of {d['num_processes']}: " if "process_id" in d else ""
+    _emit(
+        d,
+        as_json,
+        f"{who}wrote {d['destination']}: {d['leaves']} leaves, "
+        f"{d['bytes'] / 1e6:.1f} MB in {d['seconds']:.2f} s "
+        f"({d['source_layout']} -> {d['target_layout']}, peak RSS {d['peak_rss_mb']} MB)",
+    )
+
+
+_format_option = click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["ocdbt", "zarr"]),
+    default="ocdbt",
+    show_default=True,
+    help="Output storage: one OCDBT database (Orbax's default), or one zarr folder per array "
+    "(use_ocdbt=False, as Pathways needs).",
+)
+
+
+@main.command("linen-to-nnx")
+@click.argument("src")
+@click.argument("dst")
+@_convert_options
+@_format_option
+@user_errors
+def linen_to_nnx(src: str, dst: str, **kw) -> None:
+    """Convert a Linen checkpoint (MaxText or Flax TrainState) at SRC to NNX at DST."""
+    _run_convert("linen-to-nnx", src, dst, **kw)
+
+
+@main.command("nnx-to-linen")
+@click.argument("src")
+@click.argument("dst")
+@_convert_options
+@_format_option
+@click.option(
+    "--to",
+    "target_layout",
+    type=click.Choice(["maxtext", "flax", "params"]),
+    default=None,
+    help="Linen layout to WRITE (default: the one recorded at conversion, else maxtext).",
+)
+@user_errors
+def nnx_to_linen(src: str, dst: str, **kw) -> None:
+    """Convert an NNX checkpoint at SRC back to a Linen layout at DST."""
+    _run_convert("nnx-to-linen", src, dst, **kw)
+
+
+@main.command("compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--atol", type=float, default=0.0, help="Absolute tolerance (0: bit-exact).")
+@click.option("--rtol", type=float, default=0.0, help="Relative tolerance.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@user_errors
+def compare_cmd(a: str, b: str, atol: float, rtol: float, as_json: bool) -> None:
+    """Compare checkpoints A and B leaf by leaf (across layouts); exit 1 if they differ."""
+    from ..convert import compare
+
+    result = compare(a, b, atol=atol, rtol=rtol)
+    bad = [d for d in result.leaves if not d.within_tolerance]
+    lines = [
+        f"{len(result.leaves)} leaves compared, {len(bad)} differ, "
+        f"{len(result.only_in_a)} only in A, {len(result.only_in_b)} only in B: "
+        + ("bit-exact" if result.bit_exact else "equal" if result.equal else "DIFFERENT")
+    ]
+    lines += [f"  differs: {d.path} max|diff|={d.max_abs_diff:g}" for d in bad]
+    lines += [f"  only in A: {p}" for p in result.only_in_a]
+    lines += [f"  only in B: {p}" for p in result.only_in_b]
+    _emit(result.to_dict(), as_json, "\n".join(lines))
+    if not result.equal:
+        sys.exit(EXIT_DIFFERENT)
