@@ -271,13 +271,16 @@ def nnx_to_linen(src: str, dst: str, **kw) -> None:
 @click.argument("b")
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (0: bit-exact).")
 @click.option("--rtol", type=float, default=0.0, help="Relative tolerance.")
+@click.option("--mapping", default=None, metavar="FILE", help="View the Linen side through it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @user_errors
-def compare_cmd(a: str, b: str, atol: float, rtol: float, as_json: bool) -> None:
+def compare_cmd(a: str, b: str, atol: float, rtol: float, mapping, as_json: bool) -> None:
     """Compare checkpoints A and B leaf by leaf (across layouts); exit 1 if they differ."""
     from ..convert import compare
+    from ..convert.mapping import load_mapping
 
-    result = compare(a, b, atol=atol, rtol=rtol)
+    rules = load_mapping(mapping) if mapping else None
+    result = compare(a, b, atol=atol, rtol=rtol, mapping=rules)
     bad = [d for d in result.leaves if not d.within_tolerance]
     lines = [
         f"{len(result.leaves)} leaves compared, {len(bad)} differ, "

@@ -140,10 +140,24 @@ def decode_cmd(
     help="Decode-check logit tolerance (default: 32 eps of the activation dtype x the logit "
     "scale). The weights check is always float32-tight.",
 )
+@click.option(
+    "--mapping",
+    default=None,
+    metavar="FILE",
+    help="Also check the NNX leaves bit-exact against the Linen ones through this mapping.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @user_errors
 def verify_cmd(
-    linen_ckpt, nnx_ckpt, model_config, model_spec, prompt_ids, max_new_tokens, atol, as_json
+    linen_ckpt,
+    nnx_ckpt,
+    model_config,
+    model_spec,
+    prompt_ids,
+    max_new_tokens,
+    atol,
+    mapping,
+    as_json,
 ):
     """Check NNX_CKPT against LINEN_CKPT by decoding; exit 1 if either check fails.
 
@@ -151,6 +165,7 @@ def verify_cmd(
     noise). Decode check: the engine's KV-cached greedy decode against the NNX full forward,
     within a tolerance set by the activation dtype (or --atol).
     """
+    from ..convert.mapping import load_mapping
     from ..engine import parse_prompt_ids, verify
     from ..models.adapter import resolve_model
 
@@ -161,6 +176,7 @@ def verify_cmd(
         prompt_ids=None if prompt_ids is None else parse_prompt_ids(prompt_ids),
         max_new_tokens=max_new_tokens,
         atol=atol,
+        mapping=load_mapping(mapping) if mapping else None,
     )
     _emit(result.to_dict(), as_json, "\n".join(result.lines()))
     if not result.ok:

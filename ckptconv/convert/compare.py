@@ -12,9 +12,12 @@ import os
 
 import numpy as np
 
+from ..errors import LayoutError
 from ..io.leaf import KeyPath, Leaf, keystr
 from ..io.sources import CheckpointSource, open_source
 from .expr import Expr, Src, evaluate
+from .layouts import matching_layouts
+from .mapping import Mapping
 from .plan import ConvertOptions, parse_source, plan_linen_to_nnx, plan_nnx_to_linen, recorded_info
 from .rules import is_scanned
 
@@ -70,32 +73,44 @@ class CompareResult:
         }
 
 
-def _view_b_as_a(ra: CheckpointSource, rb: CheckpointSource) -> dict[KeyPath, Expr | None]:
+def _view_b_as_a(
+    ra: CheckpointSource, rb: CheckpointSource, mapping: Mapping | None = None
+) -> dict[KeyPath, Expr | None]:
     """Maps B's leaves onto A's layout: ``{path in A's layout: expression over B}``."""
     la, lb = ra.leaves(), rb.leaves()
+    layout_b = mapping.layout if mapping else None
     tree_a = parse_source(la, ra.custom_metadata, None, str(ra.location))
     name_a = tree_a.info["source_layout"]
-    name_b = parse_source(lb, rb.custom_metadata, None, str(rb.location)).info["source_layout"]
+    name_b = parse_source(lb, rb.custom_metadata, layout_b, str(rb.location)).info["source_layout"]
+    if mapping is not None and (name_a != "nnx" or name_b == "nnx"):
+        raise LayoutError(
+            f"{rb.location}: --mapping maps a Linen checkpoint onto an NNX one; found "
+            f"{name_a} and {name_b}"
+        )
     if name_a == name_b:
         return {
             p: (None if leaf.empty else Src(p, leaf.shape, leaf.dtype)) for p, leaf in lb.items()
         }
     scanned = is_scanned(tree_a)
     info_a = recorded_info(ra.custom_metadata)
-    if name_a == "nnx":
+    if name_a == "nnx" and mapping is not None:
+        plan = plan_linen_to_nnx(lb, rb.custom_metadata, ConvertOptions(mapping=mapping))
+    elif name_a == "nnx":
         opts = ConvertOptions(scan_layers=scanned, nnx_scan_axis=info_a.get("nnx_scan_axis"))
         plan = plan_linen_to_nnx(lb, rb.custom_metadata, opts, where=str(rb.location))
     elif name_b == "nnx":
         opts = ConvertOptions(target_layout=name_a, scan_layers=scanned)
         plan = plan_nnx_to_linen(lb, rb.custom_metadata, opts, where=str(rb.location))
     else:
-        from ..errors import LayoutError
-
         raise LayoutError(
             f"{rb.location}: cannot compare a {name_b} checkpoint with a {name_a} one "
             "directly; convert one of them to nnx first"
         )
     return {o.path: o.expr for o in plan.leaves}
+
+
+def _is_nnx(source: CheckpointSource) -> bool:
+    return [m.name for m in matching_layouts(source.leaves())] == ["nnx"]
 
 
 SLAB_BYTES = 64 << 20
@@ -131,7 +146,12 @@ def _compare_leaf(
 
 
 def compare(
-    a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0, rtol: float = 0.0
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    mapping: Mapping | None = None,
 ) -> CompareResult:
     """Compares checkpoint ``b`` with checkpoint ``a``, mapping ``b`` onto ``a``'s layout.
 
@@ -140,6 +160,8 @@ def compare(
         b: the checkpoint to compare (any layout convertible to ``a``'s).
         atol: absolute tolerance (0: bit-exact comparison).
         rtol: relative tolerance.
+        mapping: a mapping file's rules from the Linen one of ``a`` and ``b`` onto the NNX
+            one (either order): the Linen side is viewed through it.
 
     Returns:
         The per-leaf report and the unmatched paths.
@@ -149,7 +171,16 @@ def compare(
         True
     """
     ra, rb = open_source(a), open_source(b)
-    view = _view_b_as_a(ra, rb)
+    if mapping is not None and _is_nnx(rb) and not _is_nnx(ra):
+        swapped = compare(b, a, atol=atol, rtol=rtol, mapping=mapping)
+        return dataclasses.replace(
+            swapped,
+            a=swapped.b,
+            b=swapped.a,
+            only_in_a=swapped.only_in_b,
+            only_in_b=swapped.only_in_a,
+        )
+    view = _view_b_as_a(ra, rb, mapping)
     la = ra.leaves()
     diffs: list[LeafDiff] = []
     for path in sorted(set(la) & set(view)):

@@ -203,6 +203,8 @@ class VerifyResult:
         weights: Linen full forward against NNX full forward.
         decode: The engine's cached decode against the NNX full forward; None (skipped) for a
             model adapter that supports no engine cache protocol.
+        mapping: With a mapping file: the NNX checkpoint leaf by leaf against the Linen one
+            viewed through it (``compare``'s report, bit-exact expected); else None.
     """
 
     prompt_ids: list[int]
@@ -211,6 +213,7 @@ class VerifyResult:
     dtype: str
     weights: WeightsCheck
     decode: DecodeCheck | None
+    mapping: Any = None
 
     @property
     def tokens_agree(self) -> bool:
@@ -220,7 +223,19 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         """The verdict: both checks pass (the weights check alone when decode is skipped)."""
-        return self.weights.ok and (self.decode is None or self.decode.ok)
+        mapped = self.mapping is None or self.mapping.bit_exact
+        return mapped and self.weights.ok and (self.decode is None or self.decode.ok)
+
+    def _mapping_lines(self) -> list[str]:
+        m = self.mapping
+        if m is None:
+            return []
+        bad = [d.path for d in m.leaves if not d.bit_exact] + m.only_in_a + m.only_in_b
+        shown = f": first {bad[0]}" if bad else ""
+        return [
+            f"mapping: {_word(m.bit_exact)}, {len(m.leaves)} NNX leaves against the Linen "
+            f"checkpoint through the mapping, {len(bad)} differ or unmatched{shown}"
+        ]
 
     def _weights_lines(self) -> list[str]:
         w = self.weights
@@ -235,6 +250,7 @@ class VerifyResult:
             f"({WEIGHTS_ULPS} float32 eps x logit scale {w.logit_scale:.3g})"
         )
         out.append("decode: skipped, the model adapter supports no engine cache protocol")
+        out += self._mapping_lines()
         out.append(f"{'agree' if self.ok else 'DIFFERENT'}: weights {_word(w.ok)} ({self.dtype})")
         return out
 
@@ -272,6 +288,7 @@ class VerifyResult:
             f"tokens {agree}/{len(d.engine_ids)} agree ({len(d.ties)} near ties), "
             f"max KL={float(np.max(d.kl_divergence)):.3g}"
         )
+        out += self._mapping_lines()
         verdict = "agree" if self.ok else "DIFFERENT"
         out.append(f"{verdict}: weights {_word(w.ok)}, decode {_word(d.ok)} ({self.dtype})")
         return out
@@ -290,6 +307,7 @@ class VerifyResult:
             "dtype": self.dtype,
             "weights": self.weights.to_dict(),
             "decode": None if self.decode is None else self.decode.to_dict(),
+            "mapping": None if self.mapping is None else self.mapping.to_dict(),
         }
 
 
@@ -487,6 +505,7 @@ def verify(
     mesh: Mesh | None = None,
     linen_fwd: Forward | None = None,
     nnx_fwd: Forward | None = None,
+    mapping: Any = None,
 ) -> VerifyResult:
     """Runs the weights check and the decode check (see module).
 
@@ -503,6 +522,8 @@ def verify(
         linen_fwd: The Linen full forward on the Linen params (default: :func:`linen_forward`).
         nnx_fwd: The NNX full forward on the restored ``nnx.Param`` state (default:
             :func:`nnx_forward`).
+        mapping: A mapping file's rules (``convert.mapping``): also checks the NNX checkpoint
+            against the Linen one through them, leaf by leaf, bit-exact.
 
     Returns:
         Both checks; ``result.ok`` is the verdict.
@@ -516,7 +537,7 @@ def verify(
         >>> verify("maxtext_ckpt", "nnx_ckpt", config).ok  # doctest: +SKIP
         True
     """
-    from ..convert import detect_layout
+    from ..convert import compare, detect_layout
     from ..io.sources import open_source
 
     adapter = as_adapter(model)
@@ -538,8 +559,9 @@ def verify(
     nnx_on_linen = _rows(nnx_fwd, params, prompt, linen_ids)
     weights = compare_weights(_rows(linen_fwd, linen_params, prompt, linen_ids), nnx_on_linen)
     dtype_name = getattr(adapter, "dtype_name", None) or jnp.dtype(dtype).name
+    mapped = None if mapping is None else compare(nnx_ckpt, linen_ckpt, mapping=mapping)
     if engine is None:
-        return VerifyResult(prompt, linen_ids, [], dtype_name, weights, None)
+        return VerifyResult(prompt, linen_ids, [], dtype_name, weights, None, mapped)
 
     ours = decode(engine, params, prompt, max_new_tokens=max_new_tokens)
     same = ours.generated_ids[:-1] == linen_ids[:-1]
@@ -552,4 +574,5 @@ def verify(
         dtype=dtype_name,
         weights=weights,
         decode=checked,
+        mapping=mapped,
     )
