@@ -76,3 +76,23 @@ def main(s3_endpoint: str | None) -> None:
         from ..io import configure_s3
 
         configure_s3(endpoint=s3_endpoint)
+
+
+def options(*decorators):
+    """Composes click option decorators into one (applied in the order given)."""
+
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+model_options = options(
+    click.option(
+        "--model-config", "model_config", default=None, help="ModelConfig JSON/YAML file."
+    ),
+    click.option("--model", "model_spec", default=None, help="Model adapter, module:function."),
+)

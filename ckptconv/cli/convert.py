@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import PlanError
-from ._app import EXIT_DIFFERENT, _emit, main, user_errors
+from ._app import EXIT_DIFFERENT, _emit, json_option, main, options, user_errors
 
 
 def _parse_renames(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -237,33 +237,41 @@ _format_option = click.option(
 )
 
 
-@main.command("linen-to-nnx")
-@click.argument("src")
-@click.argument("dst")
-@_convert_options
-@_format_option
-@user_errors
-def linen_to_nnx(src: str, dst: str, **kw) -> None:
-    """Convert a Linen checkpoint (MaxText or Flax TrainState) at SRC to NNX at DST."""
-    _run_convert("linen-to-nnx", src, dst, **kw)
+def _conversion_command(direction: str, doc: str, *extra):
+    """Registers ``direction`` as a command over SRC DST with the conversion options."""
+
+    def command(src: str, dst: str, **kw) -> None:
+        _run_convert(direction, src, dst, **kw)
+
+    command.__doc__ = doc
+    decorate = options(
+        main.command(direction),
+        click.argument("src"),
+        click.argument("dst"),
+        _convert_options,
+        _format_option,
+        *extra,
+        user_errors,
+    )
+    return decorate(command)
 
 
-@main.command("nnx-to-linen")
-@click.argument("src")
-@click.argument("dst")
-@_convert_options
-@_format_option
-@click.option(
-    "--to",
-    "target_layout",
-    type=click.Choice(["maxtext", "flax", "params"]),
-    default=None,
-    help="Linen layout to WRITE (default: the one recorded at conversion, else maxtext).",
+linen_to_nnx = _conversion_command(
+    "linen-to-nnx",
+    "Convert a Linen checkpoint (MaxText, Flax TrainState or a bare params tree) at SRC to "
+    "NNX at DST.",
 )
-@user_errors
-def nnx_to_linen(src: str, dst: str, **kw) -> None:
-    """Convert an NNX checkpoint at SRC back to a Linen layout at DST."""
-    _run_convert("nnx-to-linen", src, dst, **kw)
+nnx_to_linen = _conversion_command(
+    "nnx-to-linen",
+    "Convert an NNX checkpoint at SRC back to a Linen layout at DST.",
+    click.option(
+        "--to",
+        "target_layout",
+        type=click.Choice(["maxtext", "flax", "params"]),
+        default=None,
+        help="Linen layout to WRITE (default: the one recorded at conversion, else maxtext).",
+    ),
+)
 
 
 @main.command("compare")
@@ -272,7 +280,7 @@ def nnx_to_linen(src: str, dst: str, **kw) -> None:
 @click.option("--atol", type=float, default=0.0, help="Absolute tolerance (0: bit-exact).")
 @click.option("--rtol", type=float, default=0.0, help="Relative tolerance.")
 @click.option("--mapping", default=None, metavar="FILE", help="View the Linen side through it.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 @user_errors
 def compare_cmd(a: str, b: str, atol: float, rtol: float, mapping, as_json: bool) -> None:
     """Compare checkpoints A and B leaf by leaf (across layouts); exit 1 if they differ."""
@@ -292,4 +300,35 @@ def compare_cmd(a: str, b: str, atol: float, rtol: float, mapping, as_json: bool
     lines += [f"  only in B: {p}" for p in result.only_in_b]
     _emit(result.to_dict(), as_json, "\n".join(lines))
     if not result.equal:
+        sys.exit(EXIT_DIFFERENT)
+
+
+@main.command("map")
+@click.argument("src")
+@click.option(
+    "--target",
+    required=True,
+    metavar="MODULE:FUNCTION",
+    help="The NNX model to map onto: a function returning a model, its state or an adapter.",
+)
+@click.option("-o", "--output", default=None, metavar="FILE", help="Write the mapping file here.")
+@click.option("--layout", default=None, help="The source's layout (default: detected).")
+@json_option
+@user_errors
+def map_cmd(src: str, target: str, output: str | None, layout: str | None, as_json: bool):
+    """Propose a mapping file from SRC's tree onto an NNX model; exit 1 unless complete.
+
+    Prints a table of exact, inferred and ambiguous matches and of unmatched leaves on either
+    side. Ambiguous choices are written as commented-out alternatives: uncomment one.
+    """
+    from ..convert.proposal import propose_for
+    from ..models.adapter import call_factory
+
+    proposal = propose_for(src, call_factory(target, "--target"), layout=layout)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:  # an OSError is one line (user_errors)
+            f.write(proposal.to_yaml())
+    text = proposal.table() if output else proposal.table() + "\n\n" + proposal.to_yaml()
+    _emit({**proposal.to_dict(), "output": output}, as_json, text)
+    if not proposal.complete:
         sys.exit(EXIT_DIFFERENT)

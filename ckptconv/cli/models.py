@@ -6,12 +6,19 @@ import sys
 
 import click
 
-from ._app import EXIT_DIFFERENT, _emit, main, user_errors
+from ._app import EXIT_DIFFERENT, _emit, json_option, main, model_options, options, user_errors
+
+
+def _prompt_options(*, required: bool, prompt: str, steps: str):
+    """``--prompt-ids`` and ``--max-new-tokens`` of the commands that decode."""
+    return options(
+        click.option("--prompt-ids", "prompt_ids", required=required, default=None, help=prompt),
+        click.option("--max-new-tokens", type=int, default=8, show_default=True, help=steps),
+    )
 
 
 @main.command("annotate")
-@click.option("--model-config", "model_config", default=None, help="ModelConfig JSON/YAML file.")
-@click.option("--model", "model_spec", default=None, help="Model adapter, module:function.")
+@model_options
 @click.option("--mesh", "mesh_spec", required=True, help="Mesh axes, e.g. data=2,tensor=4.")
 @click.option("--rules", default="maxtext", show_default=True, help="Preset name or rules file.")
 @click.option(
@@ -32,7 +39,7 @@ from ._app import EXIT_DIFFERENT, _emit, main, user_errors
     is_flag=True,
     help="Replicate dimensions not divisible by their mesh axes (each is reported).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 @user_errors
 def annotate_cmd(
     model_config, model_spec, mesh_spec, rules, mode, cache_batch, replicate_indivisible, as_json
@@ -69,12 +76,8 @@ def annotate_cmd(
 
 @main.command("decode")
 @click.argument("ckpt")
-@click.option("--model-config", "model_config", default=None, help="ModelConfig JSON/YAML file.")
-@click.option("--model", "model_spec", default=None, help="Model adapter, module:function.")
-@click.option("--prompt-ids", "prompt_ids", required=True, help="Token ids, e.g. 1,7,42.")
-@click.option(
-    "--max-new-tokens", type=int, default=8, show_default=True, help="Tokens to generate."
-)
+@model_options
+@_prompt_options(required=True, prompt="Token ids, e.g. 1,7,42.", steps="Tokens to generate.")
 @click.option("--mesh", "mesh_spec", default=None, help="Mesh axes, e.g. data=2,tensor=4.")
 @click.option(
     "--sampler",
@@ -90,7 +93,7 @@ def annotate_cmd(
     default=None,
     help="Save float32 logits [N, vocab] to this .npy file.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 @user_errors
 def decode_cmd(
     ckpt,
@@ -127,11 +130,9 @@ def decode_cmd(
 @main.command("verify")
 @click.argument("linen_ckpt")
 @click.argument("nnx_ckpt")
-@click.option("--model-config", "model_config", default=None, help="ModelConfig JSON/YAML file.")
-@click.option("--model", "model_spec", default=None, help="Model adapter, module:function.")
-@click.option("--prompt-ids", "prompt_ids", default=None, help="Token ids (default: 8 fixed).")
-@click.option(
-    "--max-new-tokens", type=int, default=8, show_default=True, help="Greedy steps to compare."
+@model_options
+@_prompt_options(
+    required=False, prompt="Token ids (default: 8 fixed).", steps="Greedy steps to compare."
 )
 @click.option(
     "--atol",
@@ -146,7 +147,7 @@ def decode_cmd(
     metavar="FILE",
     help="Also check the NNX leaves bit-exact against the Linen ones through this mapping.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 @user_errors
 def verify_cmd(
     linen_ckpt,

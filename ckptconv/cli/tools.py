@@ -8,12 +8,12 @@ import sys
 import click
 
 from ..errors import CkptconvError
-from ._app import _emit, main, user_errors
+from ._app import _emit, json_option, main, user_errors
 
 
 @main.command("inspect")
 @click.argument("ckpt")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 @user_errors
 def inspect_cmd(ckpt: str, as_json: bool) -> None:
     """List the layout, keys, shapes, dtypes and bytes of CKPT (metadata only)."""
@@ -56,7 +56,7 @@ def inspect_cmd(ckpt: str, as_json: bool) -> None:
 
 @main.command("demo")
 @click.option("--workdir", default=None, help="Keep the checkpoints here (default: a temp folder).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 @user_errors
 def demo_cmd(workdir: str | None, as_json: bool) -> None:
     """Train, save, convert, restore into NNX, compare logits, convert back, compare bytes."""

@@ -62,15 +62,7 @@ class CompareResult:
 
     def to_dict(self) -> dict:
         """Returns a JSON-serialisable report."""
-        return {
-            "a": self.a,
-            "b": self.b,
-            "equal": self.equal,
-            "bit_exact": self.bit_exact,
-            "only_in_a": self.only_in_a,
-            "only_in_b": self.only_in_b,
-            "leaves": [dataclasses.asdict(d) for d in self.leaves],
-        }
+        return {**dataclasses.asdict(self), "equal": self.equal, "bit_exact": self.bit_exact}
 
 
 def _view_b_as_a(

@@ -53,7 +53,7 @@ from ._group import (
 )
 from .execute import Progress, execute
 from .plan import DEFAULT_OPTIONS, ConvertOptions, Plan, require_target
-from .run import INFLIGHT_BYTES, ConvertResult, check_paths, convert, make_plan, peak_rss_bytes
+from .run import INFLIGHT_BYTES, ConvertResult, check_paths, convert, make_plan
 from .schedule import DEFAULT_SLAB_BYTES, Piece, Task, schedule
 
 __all__ = [
@@ -225,14 +225,11 @@ def convert_distributed(
         group.fail(reason)
         _stop(group, writers.get("process"), writers.get("merging"))
         raise
-    return DistributedResult(
+    return DistributedResult.finished(
         plan,
-        str(dst_loc),
-        time.perf_counter() - start,
-        done.nbytes,
-        peak_rss_bytes(),
-        copied_leaves=done.copied_leaves,
-        cloned=False,
+        dst_loc,
+        start,
+        done,
         process_id=group.process_id,
         num_processes=group.num_processes,
     )

@@ -249,6 +249,7 @@ class Cast(Expr):
         return self.x.slab(read, index).astype(numpy_dtype(self.dtype))
 
 
+@dataclasses.dataclass(frozen=True)
 class _Many(Expr):
     """An operation joining several expressions of one dtype along ``axis``."""
 
@@ -269,9 +270,6 @@ class _Many(Expr):
 @dataclasses.dataclass(frozen=True)
 class Stack(_Many):
     """``np.stack(xs, axis)`` (layers into one scanned array)."""
-
-    xs: tuple[Expr, ...]
-    axis: int
 
     @property
     def shape(self) -> tuple[int, ...]:  # noqa: D102
@@ -298,9 +296,6 @@ class Stack(_Many):
 @dataclasses.dataclass(frozen=True)
 class Concat(_Many):
     """``np.concatenate(xs, axis)`` (the inverse of a split)."""
-
-    xs: tuple[Expr, ...]
-    axis: int
 
     @property
     def shape(self) -> tuple[int, ...]:  # noqa: D102

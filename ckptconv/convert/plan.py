@@ -216,7 +216,7 @@ def _parse_nnx_source(
     return parse_source(leaves, custom_metadata, "nnx", where)
 
 
-def _parse_linen_source(
+def parse_linen_source(
     leaves: dict[KeyPath, Leaf], custom_metadata: dict | None, layout: str | None, where: str
 ) -> TrainTree:
     """Parses the source of ``linen-to-nnx``, which must be a Linen checkpoint."""
@@ -256,7 +256,7 @@ def plan_linen_to_nnx(
     if options.dtype:
         _check_dtype(options.dtype)
     layout = options.layout or (options.mapping.layout if options.mapping else None)
-    tree = _parse_linen_source(leaves, custom_metadata, layout, where)
+    tree = parse_linen_source(leaves, custom_metadata, layout, where)
     src_layout = tree.info["source_layout"]
     if options.params_only:
         _params_only(tree)
@@ -331,19 +331,8 @@ def plan_nnx_to_linen(
         _check_dtype(options.dtype)
     tree = _parse_nnx_source(leaves, custom_metadata, options.layout, where)
     info = recorded_info(custom_metadata)
-    recorded = info.get("source_layout")
-    if options.target_layout is None and recorded not in (None, *LINEN_LAYOUTS):
-        raise PlanError(
-            f"{where}: unknown recorded layout {recorded!r} in the custom metadata: expected "
-            f"{', '.join(LINEN_LAYOUTS)}; pass --to to pick the Linen layout to write"
-        )
-    target = options.target_layout or recorded or "maxtext"
+    target = _linen_target(options.target_layout, info.get("source_layout"), where)
     lay = get_layout(target)
-    if target not in LINEN_LAYOUTS:
-        raise PlanError(
-            f"nnx-to-linen: the target layout must be one of {', '.join(LINEN_LAYOUTS)}, "
-            f"found {target}"
-        )
     if options.params_only:
         _params_only(tree)
     families = tuple(info.get("families", options.families))
@@ -392,6 +381,26 @@ def plan_nnx_to_linen(
     return Plan("nnx-to-linen", "nnx", target, out, meta)
 
 
+def _linen_target(explicit: str | None, recorded, where: str) -> str:
+    """The Linen layout ``nnx-to-linen`` writes: ``--to``, else the recorded one, else maxtext.
+
+    Raises:
+        PlanError: the recorded layout is unknown, or the layout is not a Linen one.
+    """
+    if explicit is None and recorded not in (None, *LINEN_LAYOUTS):
+        raise PlanError(
+            f"{where}: unknown recorded layout {recorded!r} in the custom metadata: expected "
+            f"{', '.join(LINEN_LAYOUTS)}; pass --to to pick the Linen layout to write"
+        )
+    target = explicit or recorded or "maxtext"
+    if target not in LINEN_LAYOUTS:
+        raise PlanError(
+            f"nnx-to-linen: the target layout must be one of {', '.join(LINEN_LAYOUTS)}, "
+            f"found {target}"
+        )
+    return target
+
+
 def _restack(
     tree: TrainTree,
     scan_layers: bool | None,
@@ -405,14 +414,16 @@ def _restack(
     ``scan_layers`` is False; an unscanned one is stacked at ``dst`` when ``scan_layers`` is
     True. ``src`` and ``dst`` are ``(axis, option name)``: the name is for errors.
     """
+    before = rules.Stacking(src[0], tuple(families), src[1])
+    after = rules.Stacking(dst[0], tuple(families), dst[1])
     if rules.is_scanned(tree, families):
         if scan_layers is False:
-            rules.unscan(tree, src[0], families, src[1])
+            rules.unscan(tree, before)
             return "unscanned"
-        rules.move_scan_axis(tree, src[0], dst[0], families, (src[1], dst[1]))
+        rules.move_scan_axis(tree, before, after)
         return None
     if scan_layers:
-        rules.scan(tree, dst[0], families, dst[1])
+        rules.scan(tree, after)
         return "scanned"
     return None
 

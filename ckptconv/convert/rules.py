@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 
@@ -165,62 +166,61 @@ def is_scanned(tree: TrainTree, families: Iterable[str] = DEFAULT_FAMILIES) -> b
     return any(_stacked_index(p, families) is not None for p in tree.model)
 
 
-def move_scan_axis(
-    tree: TrainTree,
-    src: int,
-    dst: int,
-    families: Iterable[str] = DEFAULT_FAMILIES,
-    names: tuple[str, str] = ("source scan axis", "target scan axis"),
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class Stacking:
+    """Where the layers of numbered families are stacked.
+
+    Attributes:
+        axis: the stacking axis of params (numpy rules against each leaf's rank; other
+            collections are stacked at axis 0).
+        families: the layer family names (``layers`` stacks ``layers_0``, ``layers_1``...).
+        option: the option ``axis`` comes from (``--nnx-scan-axis``), for errors.
+    """
+
+    axis: int
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    option: str = "scan axis"
+
+
+def move_scan_axis(tree: TrainTree, src: Stacking, dst: Stacking) -> None:
     """Moves the stacked axis of scanned params (and their mirrors) from ``src`` to ``dst``.
 
-    Both axes are resolved against each leaf's rank as :func:`numpy.moveaxis` does.
-
-    Args:
-        tree: the tree, changed in place.
-        src: the stacked axis in the source.
-        dst: the stacked axis in the output.
-        families: the layer family names.
-        names: the options ``src`` and ``dst`` come from, for errors.
+    Both axes are resolved against each leaf's rank as :func:`numpy.moveaxis` does; the
+    families are ``src``'s.
 
     Raises:
         PlanError: naming the leaf, its rank and the axis, when an axis is out of range.
     """
 
     def fn(path: KeyPath, e: Expr, is_param: bool) -> dict[KeyPath, Expr]:
-        if not is_param or _stacked_index(path, families) is None:
+        if not is_param or _stacked_index(path, src.families) is None:
             return {path: e}
         nd = _stacked_rank(path, e)
-        a = _axis(path, True, src, nd, names[0])
-        b = _axis(path, True, dst, nd, names[1])
+        a = _axis(path, True, src.axis, nd, src.option)
+        b = _axis(path, True, dst.axis, nd, dst.option)
         return {path: move_axis(e, a, b)}
 
     _map_tree(tree, fn)
 
 
-def unscan(
-    tree: TrainTree,
-    param_axis: int,
-    families: Iterable[str] = DEFAULT_FAMILIES,
-    option: str = "scan axis",
-) -> None:
+def unscan(tree: TrainTree, stacking: Stacking) -> None:
     """Splits every stacked family ``<f>/...`` into ``<f>_{i}/...``, slicing each leaf.
 
-    Params are split on ``param_axis`` (numpy rules against each leaf's rank); other
+    Params are split on ``stacking.axis`` (numpy rules against each leaf's rank); other
     collections on axis 0. Every leaf, of any rank, is sliced: nothing is copied whole into
     every layer.
 
     Raises:
         PlanError: when the leaves of one family disagree on the number of layers, or
-            ``param_axis`` (from ``option``) is out of range for a leaf.
+            the axis is out of range for a leaf.
     """
     counts: dict[KeyPath, tuple[int, KeyPath]] = {}
 
     def fn(path: KeyPath, e: Expr, is_param: bool) -> dict[KeyPath, Expr]:
-        k = _stacked_index(path, families)
+        k = _stacked_index(path, stacking.families)
         if k is None:
             return {path: e}
-        axis = _axis(path, is_param, param_axis, _stacked_rank(path, e), option)
+        axis = _axis(path, is_param, stacking.axis, _stacked_rank(path, e), stacking.option)
         n = e.shape[axis]
         fam = path[: k + 1]
         seen = counts.setdefault(fam, (n, path))
@@ -234,15 +234,10 @@ def unscan(
     _map_tree(tree, fn)
 
 
-def scan(
-    tree: TrainTree,
-    param_axis: int,
-    families: Iterable[str] = DEFAULT_FAMILIES,
-    option: str = "scan axis",
-) -> None:
+def scan(tree: TrainTree, stacking: Stacking) -> None:
     """Stacks every numbered family ``<f>_{i}/...`` (``f`` in ``families``) into ``<f>/...``.
 
-    Params are stacked at ``param_axis`` (an axis of the stacked leaf, as in
+    Params are stacked at ``stacking.axis`` (an axis of the stacked leaf, as in
     :func:`numpy.stack`); every other collection (rng state, caches, batch stats), at any
     depth under the layer, is stacked at axis 0, together with the params.
 
@@ -256,13 +251,13 @@ def scan(
 
     Raises:
         PlanError: naming the path when a leaf misses a layer, shapes, dtypes or
-            collections differ between layers, or ``param_axis`` (from ``option``) is out
+            collections differ between layers, or the axis (from ``stacking.option``) is out
             of range for a leaf.
     """
-    family_key = _family_matcher(families)
+    family_key = _family_matcher(stacking.families)
 
     def restack(items: dict[KeyPath, Expr], is_param_of: Callable[[KeyPath], bool]):
-        return _restack(items, is_param_of, family_key, param_axis, option)
+        return _restack(items, is_param_of, family_key, stacking.axis, stacking.option)
 
     stacked_kind: dict[KeyPath, str] = {}
     first_of: dict[KeyPath, KeyPath] = {}

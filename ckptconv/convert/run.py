@@ -80,6 +80,20 @@ class ConvertResult:
     copied_leaves: int = 0
     cloned: bool = False
 
+    @classmethod
+    def finished(cls, plan: Plan, destination, start: float, done, cloned: bool = False, **kw):
+        """The result of a write that began at ``start`` (``perf_counter``) and did ``done``."""
+        return cls(
+            plan,
+            str(destination),
+            time.perf_counter() - start,
+            done.nbytes,
+            peak_rss_bytes(),
+            copied_leaves=done.copied_leaves,
+            cloned=cloned,
+            **kw,
+        )
+
     def to_dict(self) -> dict:
         """Returns a JSON-serialisable summary (``--json``)."""
         return {
@@ -217,12 +231,4 @@ def convert(
         copied = [t.source[0].path for t in tasks if t.source is not None]
         cloned = writer.clone_for(source, copied)
         done = execute(tasks, source, writer, progress=progress)
-    return ConvertResult(
-        plan,
-        str(dst_loc),
-        time.perf_counter() - start,
-        done.nbytes,
-        peak_rss_bytes(),
-        copied_leaves=done.copied_leaves,
-        cloned=cloned,
-    )
+    return ConvertResult.finished(plan, dst_loc, start, done, cloned)

@@ -329,3 +329,27 @@ def test_rule_errors_through_the_cli(tmp_path, bare_ckpt, body, needles):
     line = assert_one_line_error(code, err, *needles)
     assert "m.yaml" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_renames_and_transposes_copy_chunks_without_decoding(tmp_path, bare_ckpt):
+    import json
+
+    from ckptconv.io import CheckpointReader
+
+    m = tmp_path / "m.yaml"
+    m.write_text(
+        "version: 1\nrules:\n"
+        "  - rename: {match: '^layer_(\\d+)/', to: 'blocks/\\1/'}\n"
+        "  - transpose: {match: '^blocks/1/w$', perm: [1, 0]}\n"
+    )
+    code, out, err = run_cli(
+        "linen-to-nnx", bare_ckpt, tmp_path / "out", "--mapping", m, "--layout", "params", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["copied_leaves"] == 2
+    src, dst = CheckpointReader(bare_ckpt), CheckpointReader(tmp_path / "out")
+    w1 = dst.read(("model", "blocks", "1", "w", "value"))
+    np.testing.assert_array_equal(w1, src.read(("layer_1", "w")).T)
+    np.testing.assert_array_equal(
+        dst.read(("model", "blocks", "0", "w", "value")), src.read(("layer_0", "w"))
+    )
