@@ -353,3 +353,19 @@ def test_renames_and_transposes_copy_chunks_without_decoding(tmp_path, bare_ckpt
     np.testing.assert_array_equal(
         dst.read(("model", "blocks", "0", "w", "value")), src.read(("layer_0", "w"))
     )
+
+
+def test_nnx_to_linen_applies_a_mapping_file_to_the_nnx_paths(tmp_path, bare_ckpt):
+    from ckptconv.io import CheckpointReader
+
+    code, _, err = run_cli("linen-to-nnx", bare_ckpt, tmp_path / "nnx")
+    assert code == 0, err
+    m = tmp_path / "back.yaml"
+    m.write_text(
+        "version: 1\nrules:\n  - rename: {match: '^layer_(\\d+)/w$', to: 'blk\\1/kernel'}\n"
+    )
+    code, _, err = run_cli("nnx-to-linen", tmp_path / "nnx", tmp_path / "linen", "--mapping", m)
+    assert code == 0, err
+    src, out = CheckpointReader(bare_ckpt), CheckpointReader(tmp_path / "linen")
+    assert sorted(out.leaves()) == [("blk0", "kernel"), ("blk1", "kernel")]
+    assert out.read(("blk1", "kernel")).tobytes() == src.read(("layer_1", "w")).tobytes()
