@@ -210,13 +210,6 @@ class _FileBackend:
             os.remove(path)
 
 
-def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
-    """The range of every key that starts with ``prefix`` (all keys for ``""``)."""
-    if not prefix:
-        return ts.KvStore.KeyRange()
-    return ts.KvStore.KeyRange(prefix.encode(), prefix.encode() + b"\xff")
-
-
 class _KvBackend(abc.ABC):
     """A scheme whose files are keys of TensorStore kvstores: folders are key prefixes.
 
@@ -252,22 +245,26 @@ class _KvBackend(abc.ABC):
         except Exception as e:  # TensorStore reports every I/O failure this way.
             raise self._error(path, doing, e) from e
 
-    def _keys_under(self, store: ts.KvStore, prefix: str) -> list[bytes]:
-        return list(store.list(_prefix_range(prefix)).result())
+    @staticmethod
+    def _folder(store: ts.KvStore, key: str) -> ts.KvStore:
+        """The kvstore of the keys under the folder ``key`` (the whole store for ``""``).
+
+        Its keys are relative to the folder, so listing it or deleting its whole key range
+        touches exactly the keys that start with ``key + "/"``.
+        """
+        return store / (key + "/") if key else store
 
     def exists(self, path: str) -> bool:
         def run(store: ts.KvStore, key: str) -> bool:
             if key and store.read(key).result().state == "value":
                 return True
-            return bool(self._keys_under(store, key + "/" if key else ""))
+            return bool(self._folder(store, key).list().result())
 
         return self._call(path, "checking what is there", run)
 
     def is_dir(self, path: str) -> bool:
         return self._call(
-            path,
-            "listing",
-            lambda store, key: bool(self._keys_under(store, key + "/" if key else "")),
+            path, "listing", lambda store, key: bool(self._folder(store, key).list().result())
         )
 
     def read_bytes(self, path: str) -> bytes:
@@ -281,9 +278,8 @@ class _KvBackend(abc.ABC):
 
     def list_dir(self, path: str) -> list[str]:
         def run(store: ts.KvStore, key: str) -> list[str]:
-            prefix = key + "/" if key else ""
-            keys = self._keys_under(store, prefix)
-            return sorted({k.decode()[len(prefix) :].split("/", 1)[0] for k in keys})
+            keys = self._folder(store, key).list().result()
+            return sorted({k.decode().split("/", 1)[0] for k in keys})
 
         return self._call(path, "listing", run)
 
@@ -292,7 +288,7 @@ class _KvBackend(abc.ABC):
 
     def delete_tree(self, path: str) -> None:
         def run(store: ts.KvStore, key: str) -> None:
-            store.delete_range(_prefix_range(key + "/" if key else "")).result()
+            self._folder(store, key).delete_range(ts.KvStore.KeyRange()).result()
             if key:  # the range of exactly one key
                 one = ts.KvStore.KeyRange(key.encode(), key.encode() + b"\x00")
                 store.delete_range(one).result()

@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import DestinationExistsError, StorageError
 from . import _format as fmt
@@ -39,11 +40,19 @@ from . import _orbax_metadata as orbax_metadata
 from ._oserrors import os_errors
 from .location import Location
 
+if TYPE_CHECKING:
+    from ._records import ItemRecords
+
 _IN_PROGRESS = b"ckptconv write in progress\n"
 
 
 class CommitProtocol(abc.ABC):
     """Where a checkpoint is written while incomplete, and how it is published.
+
+    A :class:`~ckptconv.io.CheckpointWriter` calls, in order: :meth:`check_destination` (when
+    constructed), :meth:`start` (when opened), then at commit, once every write is durable,
+    :meth:`check` and :meth:`commit`; or :meth:`abort` when anything fails. Writer variants
+    (:mod:`ckptconv.io.multiprocess`) pass their own protocol to the writer.
 
     Args:
         dest: the destination item folder.
@@ -74,6 +83,18 @@ class CommitProtocol(abc.ABC):
     @abc.abstractmethod
     def start(self) -> Location:
         """Prepares the write; returns the folder that data and metadata go into."""
+
+    def check(self, records: ItemRecords) -> None:
+        """Refuses an item that is not ready to be published.
+
+        By default a complete item: at least one array, every array written in full, the
+        leaves one tree (:meth:`~ckptconv.io._records.ItemRecords.validate`). A protocol that
+        publishes part of a checkpoint checks less; one that merges parts checks more.
+
+        Raises:
+            CheckpointWriteError: the item is incomplete or inconsistent.
+        """
+        records.validate(str(self.dest))
 
     @abc.abstractmethod
     def commit(self, write_metadata: Callable[[Location], None]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError
@@ -48,6 +48,24 @@ class ArrayCopy:
     chunk_shape: tuple[int, ...]
     write_shape: tuple[int, ...]
     chunk_nbytes: int
+
+    def only(self, chunks: Collection[str]) -> ArrayCopy:
+        """The copy of only the source chunk keys ``chunks`` (relative to the array)."""
+        return dataclasses.replace(
+            self, chunk_keys=[(s, d) for s, d in self.chunk_keys if s in chunks]
+        )
+
+    def grid_chunks(self) -> Iterator[tuple[int, ...]]:
+        """Yields the index on the output's chunk grid of every chunk copied.
+
+        Keys that are no chunk of the grid are copied under their own name but yield nothing.
+        """
+        codec = _permute.ChunkKeys(self.metadata, zarr3=self.doc_name == "zarr.json")
+        grid = [-(-d // c) for d, c in zip(self.shape, self.chunk_shape, strict=True)]
+        for _, key in self.chunk_keys:
+            index = codec.grid_index(key, grid)
+            if index is not None:
+                yield index
 
 
 def plan_copy(
@@ -122,8 +140,8 @@ def _renamed_chunk_keys(
     out = []
     found = set()
     for key in reader.chunk_keys(path):
-        index = codec.parse(key)
-        if index is None or any(i >= g for i, g in zip(index, grid, strict=True)):
+        index = codec.grid_index(key, grid)
+        if index is None:
             out.append((key, key))  # not a chunk of the grid: kept under its own name
             continue
         found.add(index)

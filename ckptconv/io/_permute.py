@@ -165,6 +165,13 @@ class ChunkKeys:
             return None
         return tuple(int(p) for p in parts)
 
+    def grid_index(self, key: str, grid: Sequence[int]) -> tuple[int, ...] | None:
+        """Returns the index of a chunk key on ``grid``, or ``None`` for a key that is none."""
+        index = self.parse(key)
+        if index is None or any(i >= g for i, g in zip(index, grid, strict=True)):
+            return None
+        return index
+
     def format(self, index: Sequence[int]) -> str:
         """Returns the chunk key of a grid index."""
         if not index:

@@ -46,11 +46,6 @@ CLONE_MAX_UNUSED_FRACTION = 0.1
 _ONE_KEY = ts.KvStore.KeyRange(b"", b"\x00")
 
 
-def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
-    """The range of every key that starts with ``prefix`` (which ends with '/')."""
-    return ts.KvStore.KeyRange(prefix.encode(), prefix[:-1].encode() + b"0")
-
-
 def clone_pays(source: Any, paths: list[tuple[str, ...]]) -> bool:
     """Whether cloning ``source``'s database pays for copying the arrays at ``paths``.
 
@@ -173,10 +168,12 @@ class WriteStore:
         self._kvstore = None
         _ocdbt.copy_files(src.local_path, str(dest), files)
         self._open(cloned=True)
-        staged = _prefix_range(stage)
+        # Every key but those under the staging prefix: before it, and from the first key
+        # after it (which ends in '0', the byte after '/'). TensorStore's Python API has no
+        # helper for the keys outside a prefix.
         outside = [
-            ts.KvStore.KeyRange(b"", staged.inclusive_min),
-            ts.KvStore.KeyRange(staged.exclusive_max, b""),
+            ts.KvStore.KeyRange(b"", stage.encode()),
+            ts.KvStore.KeyRange(stage[:-1].encode() + b"0", b""),
         ]
         # Two commits, copies then deletes, so nothing depends on the order inside one.
         txn = ts.Transaction()
@@ -196,7 +193,7 @@ class WriteStore:
     def drop_clone_leftovers(self) -> None:
         """Deletes the staged keys of a cloned source (those not copied stay unreferenced)."""
         if self.cloned_from is not None:
-            self._kv_txn().delete_range(_prefix_range(self._stage)).result()
+            (self._kv_txn() / self._stage).delete_range(ts.KvStore.KeyRange()).result()
 
     def write_slab(self, view: ts.TensorStore, data: np.ndarray, where: str) -> None:
         """Writes one slab of an array opened on this store, in the current transaction."""

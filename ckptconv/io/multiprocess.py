@@ -4,13 +4,20 @@ Each process writes its share of the arrays into its own OCDBT database,
 ``ocdbt.process_<i>/`` inside the checkpoint being written (:class:`ProcessStoreWriter`), and
 records which leaves it wrote, and exactly which regions of each array (its slabs, or the
 chunks it copied), in ``.ckptconv-leaves.process_<i>.json`` beside it. Once every process is
-done, one process (:class:`MergingWriter`, a :class:`CheckpointWriter` that made the temporary
-folder) joins those databases into the root ``manifest.ocdbt`` as Orbax's
-``merge_ocdbt_per_process_files`` does at finalize: OCDBT copies every key range by reference,
-so only a new B-tree is written and the values stay in ``ocdbt.process_<i>/d/``. It then checks
-that the processes' regions, joined, cover every array and that the merged database stores
-every chunk of each array's grid, writes the metadata files and commits exactly as a
-single-process writer does (same commit protocol).
+done, one process (:class:`MergingWriter`, a writer that made the temporary folder) joins
+those databases into the root ``manifest.ocdbt`` as Orbax's ``merge_ocdbt_per_process_files``
+does at finalize: OCDBT copies every key range by reference, so only a new B-tree is written
+and the values stay in ``ocdbt.process_<i>/d/``. It then checks that the processes' regions,
+joined, cover every array and that the merged database stores every chunk of each array's
+grid, writes the metadata files and commits exactly as a single-process writer does (same
+commit protocol).
+
+Both writers are a :class:`CheckpointWriter` built by composition, through its constructor:
+the process writer passes a commit protocol that publishes nothing and saves the writer's
+records instead (:class:`_ProcessPart`); the merging writer passes one that wraps the
+destination's own protocol with the checks of the merge (:class:`_MergeCommit`), and with it
+the writer's records (which the merge adds the processes' leaves to) and the opener of the
+writer's store (which the merge copies the processes' databases into).
 
 Several processes may write pieces of one array, and each writes the array's zarr metadata
 document, the same bytes every time, so whichever copy the merge keeps is right. The merge
@@ -21,22 +28,18 @@ when another wrote into it as well.
 Nothing here coordinates processes: the caller (:mod:`ckptconv.convert.distributed`) makes
 sure every process has finished before :meth:`MergingWriter.merge` runs.
 
-Limits: both classes extend :class:`CheckpointWriter` through its internals (its commit
-protocol object, its store, its leaf and coverage records and validation); a change there
-must be mirrored here (``tests/io/test_multiprocess.py`` and
-``tests/convert/test_distributed.py`` cover both). Every process must see the same folder (one
-host, or a filesystem or object store shared by all hosts).
+Limits: every process must see the same folder (one host, or a filesystem or object store
+shared by all hosts).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import tensorstore as ts
 
@@ -45,18 +48,14 @@ from . import _commit
 from . import _format as fmt
 from ._coverage import Coverage, describe_unwritten, format_region
 from ._permute import ChunkKeys
+from ._records import ItemRecords, load_records
+from ._store import WriteStore
 from .leaf import KeyPath, keystr
 from .location import Location
 from .writer import CheckpointWriter
 
-if TYPE_CHECKING:
-    from ._copy import ArrayCopy
-    from .reader import CheckpointReader
-
 PROCESS_FOLDER_PREFIX = "ocdbt.process_"
 _RECORDS_PREFIX = ".ckptconv-leaves.process_"
-# Leaf record entries that are tuples in memory (JSON turns them into lists).
-_TUPLE_FIELDS = ("key_types", "chunk", "write_shape")
 
 
 def process_folder(checkpoint: str | os.PathLike[str] | Location, process_id: int) -> Location:
@@ -66,37 +65,6 @@ def process_folder(checkpoint: str | os.PathLike[str] | Location, process_id: in
 
 def _records_file(checkpoint: Location, process_id: int) -> Location:
     return checkpoint.join(f"{_RECORDS_PREFIX}{process_id}.json")
-
-
-def _dump_records(
-    leaves: Mapping[KeyPath, Mapping[str, Any]], written: Mapping[KeyPath, Coverage]
-) -> bytes:
-    return json.dumps(
-        {
-            "leaves": [[list(path), dict(leaf)] for path, leaf in leaves.items()],
-            "written": [[list(path), c.to_json()] for path, c in written.items()],
-        }
-    ).encode()
-
-
-def _load_records(data: bytes) -> tuple[dict[KeyPath, dict[str, Any]], dict[KeyPath, Coverage]]:
-    """Returns the leaves and the coverage of each array that one process recorded.
-
-    Raises:
-        ValueError: the record is malformed.
-    """
-    try:
-        records = json.loads(data)
-        leaves = {}
-        for path, leaf in records["leaves"]:
-            for name in _TUPLE_FIELDS:
-                if leaf.get(name) is not None:
-                    leaf[name] = tuple(leaf[name])
-            leaves[tuple(path)] = leaf
-        written = {tuple(path): Coverage.from_json(c) for path, c in records["written"]}
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"malformed record: {fmt.one_line(e)}") from e
-    return leaves, written
 
 
 def _open_like_root(database: Location, context: ts.Context) -> ts.KvStore:
@@ -115,11 +83,20 @@ def _open_like_root(database: Location, context: ts.Context) -> ts.KvStore:
     return ts.KvStore.open(spec, context=context).result()
 
 
-class _ProcessFolder(_commit.CommitProtocol):
-    """One process's database: written in place and never published on its own."""
+class _ProcessPart(_commit.CommitProtocol):
+    """One process's database: written in place, and saved with its records, never published.
 
-    def __init__(self, folder: Location) -> None:
-        super().__init__(folder, force=True)
+    Args:
+        checkpoint: the checkpoint folder being written.
+        process_id: the process's index.
+        records: the records of the process's writer, saved at commit for the merge.
+    """
+
+    def __init__(self, checkpoint: Location, process_id: int, records: ItemRecords) -> None:
+        super().__init__(process_folder(checkpoint, process_id), force=True)
+        self._checkpoint = checkpoint
+        self._process_id = process_id
+        self._records = records
 
     @property
     def temporary(self) -> Location | None:
@@ -128,9 +105,19 @@ class _ProcessFolder(_commit.CommitProtocol):
     def start(self) -> Location:
         return self.dest
 
+    def check(self, records: ItemRecords) -> None:
+        """Checks nothing: a process writes part of the tree (see :class:`MergingWriter`)."""
+
     def commit(self, write_metadata: Callable[[Location], None]) -> None:
-        # The checkpoint's metadata covers every process: the merging writer writes it.
-        pass
+        # The checkpoint's metadata covers every process: the merging writer writes it, from
+        # the records each process leaves.
+        try:
+            _records_file(self._checkpoint, self._process_id).write_bytes(self._records.dump())
+        except (OSError, StorageError) as e:
+            raise CheckpointWriteError(
+                f"{self.dest}: cannot record the leaves process {self._process_id} wrote: "
+                f"{fmt.one_line(e)}"
+            ) from e
 
     def abort(self) -> None:
         try:
@@ -139,44 +126,90 @@ class _ProcessFolder(_commit.CommitProtocol):
             pass  # the whole checkpoint folder is discarded anyway
 
 
-class _ChunkSubset:
-    """A store wrapper whose :meth:`copy` copies only some chunks of an array.
+class _MergeCommit(_commit.CommitProtocol):
+    """The destination's protocol, after the checks of a merge of processes' databases.
+
+    It also opens the writer's store (:meth:`open_store`) and holds the writer's records, so
+    that :meth:`MergingWriter.merge` can copy into the one and add to the other.
+
+    Args:
+        inner: the destination's own protocol, which publishes the checkpoint.
+        use_zarr3: the writer's zarr format.
 
     Attributes:
-        written: after :meth:`copy`, the output chunks it copied.
+        records: the writer's records.
+        store: the writer's store, once opened.
+        written: for every array the processes wrote, (process id, what it wrote) in merge
+            order.
+        expected: the shape of every array leaf the merge must hold, if given.
     """
 
-    def __init__(self, store: Any, chunks: Collection[str]) -> None:
-        self._store = store
-        self._chunks = chunks
-        self.written: Coverage | None = None
+    def __init__(self, inner: _commit.CommitProtocol, *, use_zarr3: bool) -> None:
+        super().__init__(inner.dest, force=inner.force)
+        self._inner = inner
+        self._use_zarr3 = use_zarr3
+        self.records = ItemRecords()
+        self.store: WriteStore | None = None
+        self.written: dict[KeyPath, list[tuple[int, Coverage]]] = {}
+        self.expected: dict[KeyPath, tuple[int, ...]] = {}
 
-    def copy(self, key: str, plan: ArrayCopy, reader: CheckpointReader) -> None:
-        keys = [(s, d) for s, d in plan.chunk_keys if s in self._chunks]
-        self._store.copy(key, dataclasses.replace(plan, chunk_keys=keys), reader)
-        written = Coverage(plan.shape, plan.chunk_shape)
-        codec = ChunkKeys(plan.metadata, zarr3=plan.doc_name == "zarr.json")
-        indices = (codec.parse(d) for _, d in keys)
-        # Keys that are no chunk of the grid are copied under their own name but cover nothing.
-        written.add_chunks(
-            i
-            for i in indices
-            if i is not None and all(k < g for k, g in zip(i, written.grid, strict=True))
-        )
-        self.written = written
+    def open_store(self, folder: Location, **options: Any) -> WriteStore:
+        """Opens the writer's store (see ``open_store`` of :class:`CheckpointWriter`)."""
+        self.store = WriteStore(folder, **options)
+        return self.store
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
+    @property
+    def temporary(self) -> Location | None:
+        return self._inner.temporary
+
+    def check_destination(self) -> None:
+        self._inner.check_destination()
+
+    def start(self) -> Location:
+        return self._inner.start()
+
+    def check(self, records: ItemRecords) -> None:
+        """Checks the item as the destination's protocol does, then what the processes wrote.
+
+        Raises:
+            CheckpointWriteError: see :meth:`MergingWriter.merge`.
+        """
+        self._inner.check(records)
+        for path, shape in self.expected.items():
+            leaf = records.leaves.get(path)
+            if leaf is None or leaf["value_type"] != "jax.Array":
+                raise CheckpointWriteError(
+                    f"{keystr(path)}: expected an array, found that no process wrote it"
+                )
+            entries = self.written.get(path)
+            if entries and entries[0][1].shape != shape:
+                raise CheckpointWriteError(
+                    f"{keystr(path)}: expected shape {shape}, found the processes wrote shape "
+                    f"{entries[0][1].shape}"
+                )
+        for path, entries in self.written.items():
+            _check_joined(path, entries)
+        if self.written:
+            assert self.store is not None
+            _check_stored(self.store.kvstore, self.written, use_zarr3=self._use_zarr3)
+
+    def commit(self, write_metadata: Callable[[Location], None]) -> None:
+        self._inner.commit(write_metadata)
+
+    def abort(self) -> None:
+        self._inner.abort()
 
 
 class ProcessStoreWriter(CheckpointWriter):
     """Writes one process's share of a multi-process checkpoint into ``ocdbt.process_<i>/``.
 
-    It writes like a :class:`CheckpointWriter` (same array API, same transactions), but into
-    the folder of one process inside a checkpoint that a :class:`MergingWriter` is writing;
-    :meth:`commit` only makes the data durable and records the leaves it declared. Arrays
-    may be written in part (other processes write the rest), so nothing is validated here:
-    the merging writer checks the whole checkpoint.
+    It writes like a :class:`CheckpointWriter` (same array API, same transactions, also
+    :meth:`~CheckpointWriter.copy_array` of only some ``chunks``), but into the folder of one
+    process inside a checkpoint that a :class:`MergingWriter` is writing; :meth:`commit` only
+    makes the data durable and records the leaves it declared and, for every array, the
+    regions written (see :class:`~ckptconv.io._coverage.Coverage`): slabs as written, copied
+    chunks by index. Arrays may be written in part (other processes write the rest), so
+    nothing is validated here: the merging writer checks the whole checkpoint.
 
     Example:
         >>> with ProcessStoreWriter(tmp_folder, process_id=1) as w:
@@ -190,6 +223,10 @@ class ProcessStoreWriter(CheckpointWriter):
         chunk_bytes: as for :class:`CheckpointWriter`.
         target_data_file_size: as for :class:`CheckpointWriter`.
         max_inflight_bytes: as for :class:`CheckpointWriter`.
+
+    Raises:
+        CheckpointWriteError: (at commit) writing data or the record failed; the process's
+            folder is removed.
     """
 
     def __init__(
@@ -202,121 +239,55 @@ class ProcessStoreWriter(CheckpointWriter):
         target_data_file_size: int = 64 << 20,
         max_inflight_bytes: int = 64 << 20,
     ) -> None:
-        self._checkpoint = Location.parse(checkpoint)
-        self._process_id = process_id
-        folder = process_folder(self._checkpoint, process_id)
+        checkpoint = Location.parse(checkpoint)
+        records = ItemRecords()
         super().__init__(
-            folder,
+            process_folder(checkpoint, process_id),
             force=True,
             use_zarr3=use_zarr3,
             chunk_bytes=chunk_bytes,
             target_data_file_size=target_data_file_size,
             max_inflight_bytes=max_inflight_bytes,
+            commit=_ProcessPart(checkpoint, process_id, records),
+            records=records,
         )
-        self._protocol = _ProcessFolder(folder)
-
-    def copy_array(
-        self,
-        path: KeyPath,
-        reader: CheckpointReader,
-        source_path: KeyPath,
-        *,
-        axes: Sequence[int] | None = None,
-        key_types: Sequence[int] | None = None,
-        sharding: Mapping[str, Any] | None = None,
-        random_key_impl: str | None = None,
-        chunks: Collection[str] | None = None,
-    ) -> tuple[int, ...]:
-        """Copies a source array verbatim, or only some of its chunks.
-
-        Args:
-            path: see :meth:`CheckpointWriter.copy_array`.
-            reader: see :meth:`CheckpointWriter.copy_array`.
-            source_path: see :meth:`CheckpointWriter.copy_array`.
-            axes: see :meth:`CheckpointWriter.copy_array`.
-            key_types: see :meth:`CheckpointWriter.copy_array`.
-            sharding: see :meth:`CheckpointWriter.copy_array`.
-            random_key_impl: see :meth:`CheckpointWriter.copy_array`.
-            chunks: the source chunk keys (relative to the array, as
-                :meth:`CheckpointReader.chunk_keys` lists them) this process copies;
-                ``None`` copies them all. The zarr metadata document is written either way.
-
-        Returns:
-            The output shape.
-        """
-        kwargs = dict(axes=axes, key_types=key_types, sharding=sharding)
-        if chunks is None:
-            return super().copy_array(
-                path, reader, source_path, random_key_impl=random_key_impl, **kwargs
-            )
-        self._check_open()
-        store = self._store
-        # The writer copies through self._store.copy(key, plan, reader): this filters its plan.
-        subset = _ChunkSubset(store, frozenset(chunks))
-        self._store = subset
-        try:
-            shape = super().copy_array(
-                path, reader, source_path, random_key_impl=random_key_impl, **kwargs
-            )
-        finally:
-            self._store = store
-        assert subset.written is not None
-        self._written[tuple(path)] = subset.written  # only these chunks, not the whole array
-        return shape
-
-    def commit(self) -> Location:
-        """Makes this process's data durable and records what it wrote for the merging writer.
-
-        The record holds the leaves declared and, for every array, the regions written (see
-        :class:`~ckptconv.io._coverage.Coverage`): slabs as written, copied chunks by index.
-
-        Returns:
-            This process's database folder.
-
-        Raises:
-            CheckpointWriteError: writing data or the record failed (the folder is removed).
-        """
-        super().commit()
-        try:
-            _records_file(self._checkpoint, self._process_id).write_bytes(
-                _dump_records(self._leaves, self._written)
-            )
-        except (OSError, StorageError) as e:
-            self._protocol.abort()
-            raise CheckpointWriteError(
-                f"{self._dest}: cannot record the leaves process {self._process_id} wrote: "
-                f"{fmt.one_line(e)}"
-            ) from e
-        return self._dest
-
-    def _validate(self) -> None:
-        """Checks nothing: a process writes part of the tree (see :class:`MergingWriter`)."""
 
 
 class MergingWriter(CheckpointWriter):
     """A :class:`CheckpointWriter` that takes in the databases of every process, then commits.
 
-    Open it (``with`` or :meth:`CheckpointWriter.__enter__`) before the processes start: its
-    :attr:`folder` is where they write. Once all of them have committed their
-    :class:`ProcessStoreWriter`, call :meth:`merge`, then :meth:`commit` (or leave the
+    Open it (``with`` or :attr:`~CheckpointWriter.folder`) before the processes start: its
+    :attr:`~CheckpointWriter.folder` is where they write. Once all of them have committed
+    their :class:`ProcessStoreWriter`, call :meth:`merge`, then :meth:`commit` (or leave the
     ``with`` block). Arrays can also be written directly, as with any writer.
 
-    Args are those of :class:`CheckpointWriter`.
+    Args:
+        location: as for :class:`CheckpointWriter`.
+        force: as for :class:`CheckpointWriter`.
+        use_zarr3: as for :class:`CheckpointWriter`.
+        **options: the other arguments of :class:`CheckpointWriter` (``custom_metadata``,
+            ``chunk_bytes``, ``target_data_file_size``, ``max_inflight_bytes``).
     """
 
-    _expected: dict[KeyPath, tuple[int, ...]] | None = None
-    # For every array the processes wrote: (process id, what it wrote), in merge order.
-    _merged_written: dict[KeyPath, list[tuple[int, Coverage]]] | None = None
-
-    @property
-    def folder(self) -> Location:
-        """Where the checkpoint is being written (the processes write into it).
-
-        The temporary folder, or on an object store the destination itself. Opens the writer
-        if needed.
-        """
-        self._check_open()
-        return self.temporary_location or self.location
+    def __init__(
+        self,
+        location: str | os.PathLike[str] | Location,
+        *,
+        force: bool = False,
+        use_zarr3: bool = True,
+        **options: Any,
+    ) -> None:
+        dest = Location.parse(location)
+        self._merge = _MergeCommit(_commit.for_destination(dest, force=force), use_zarr3=use_zarr3)
+        super().__init__(
+            dest,
+            force=force,
+            use_zarr3=use_zarr3,
+            commit=self._merge,
+            records=self._merge.records,
+            open_store=self._merge.open_store,
+            **options,
+        )
 
     def merge(
         self,
@@ -347,140 +318,155 @@ class MergingWriter(CheckpointWriter):
                 recorded one leaf differently (its metadata or its shape), or a leaf is
                 already declared here.
         """
-        self._check_open()
-        assert self._store is not None
         folder = self.folder
-        store = self._store
+        store = self._merge.store
+        assert store is not None
         target = store.kvstore.with_transaction(store.transaction())
         merged: dict[KeyPath, dict[str, Any]] = {}
         owners: dict[KeyPath, int] = {}
         written: dict[KeyPath, list[tuple[int, Coverage]]] = {}
         for i in process_ids:
-            records = _records_file(folder, i)
-            try:
-                leaves, coverages = _load_records(records.read_bytes())
-            except FileNotFoundError as e:
-                raise CheckpointWriteError(
-                    f"{folder}: process {i} left no record of what it wrote ({records.name})"
-                ) from e
-            except ValueError as e:
-                raise CheckpointWriteError(
-                    f"{folder}: the record process {i} left ({records.name}) is unreadable: "
-                    f"{fmt.one_line(e)}"
-                ) from e
-            for path, leaf in leaves.items():
-                first = merged.setdefault(path, leaf)
-                owners.setdefault(path, i)
-                if first != leaf:
-                    raise CheckpointWriteError(
-                        f"{keystr(path)}: processes {owners[path]} and {i} recorded it "
-                        f"differently: {first} and {leaf}"
-                    )
-            for path, coverage in coverages.items():
-                entries = written.setdefault(path, [])
-                if entries and entries[0][1].shape != coverage.shape:
-                    raise CheckpointWriteError(
-                        f"{keystr(path)}: processes {entries[0][0]} and {i} wrote it with "
-                        f"shapes {entries[0][1].shape} and {coverage.shape}"
-                    )
-                entries.append((i, coverage))
+            leaves, coverages = _read_record(folder, i)
+            _join_leaves(merged, owners, leaves, i)
+            _join_written(written, coverages, i)
             database = process_folder(folder, i)
             if leaves and database.join(fmt.OCDBT_MANIFEST_FILE).exists():
                 _open_like_root(database, store.context).experimental_copy_range_to(target).result()
-            records.delete_tree()
+            _records_file(folder, i).delete_tree()
+        records = self._merge.records
         for path in sorted(merged):
             leaf = merged[path]
-            path, types = self._declare(path, leaf["key_types"])
-            self._leaves[path] = {**leaf, "key_types": types}
-            if leaf["value_type"] == "jax.Array":
-                if path not in written:
-                    raise CheckpointWriteError(
-                        f"{keystr(path)}: process {owners[path]} recorded the array but not "
-                        "what it wrote of it"
-                    )
-                self._keys[fmt.array_key(path)] = path
-                self._copied.add(path)
-        self._merged_written = written
+            path, types = records.check_new(path, leaf["key_types"])
+            if leaf["value_type"] == "jax.Array" and path not in written:
+                raise CheckpointWriteError(
+                    f"{keystr(path)}: process {owners[path]} recorded the array but not "
+                    "what it wrote of it"
+                )
+            records.add(path, {**leaf, "key_types": types})
+        self._merge.written = written
         if shapes is not None:
-            self._expected = {tuple(p): tuple(s) for p, s in shapes.items()}
+            self._merge.expected = {tuple(p): tuple(s) for p, s in shapes.items()}
         return merged
 
-    def _validate(self) -> None:
-        super()._validate()
-        written = self._merged_written or {}
-        for path, shape in (self._expected or {}).items():
-            leaf = self._leaves.get(path)
-            if leaf is None or leaf["value_type"] != "jax.Array":
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: expected an array, found that no process wrote it"
-                )
-            entries = written.get(path)
-            if entries and entries[0][1].shape != shape:
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: expected shape {shape}, found the processes wrote shape "
-                    f"{entries[0][1].shape}"
-                )
-        for path, entries in written.items():
-            _check_joined(path, entries)
-        self._check_stored(written)
 
-    def _check_stored(self, written: Mapping[KeyPath, list[tuple[int, Coverage]]]) -> None:
-        """Checks that the merged database stores every chunk of each array the processes wrote.
+def _read_record(
+    folder: Location, process_id: int
+) -> tuple[dict[KeyPath, dict[str, Any]], dict[KeyPath, Coverage]]:
+    """Returns the leaves and the coverage of each array that one process recorded.
 
-        The processes' records say what they wrote; this checks what the merge holds, by
-        distinct chunk index on the grid (keys that are no chunk of the grid count for none).
-        """
-        if not written:
-            return
-        assert self._store is not None
-        kvstore = self._store.kvstore
-        # Every key of an array lies under its '.'-joined name: the zarr metadata document and
-        # one key per chunk.
-        stored: dict[str, list[str]] = {}
-        for key in kvstore.list().result():
-            name, _, rest = key.decode(errors="replace").partition("/")
-            stored.setdefault(name, []).append(rest)
-        docs = {
-            path: kvstore.read(fmt.zarr_metadata_key(path, self._use_zarr3))
-            for path, entries in written.items()
-            if all(entries[0][1].grid)
-        }
-        for path, future in docs.items():
-            grid = written[path][0][1].grid
-            try:
-                result = future.result()
-                doc = json.loads(result.value) if result.state == "value" else None
-            except Exception as e:
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: cannot read its zarr metadata from the merged database: "
-                    f"{fmt.one_line(e)}"
-                ) from e
-            if not isinstance(doc, dict) or "shape" not in doc:
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: expected its zarr metadata in the merged database, found none"
-                )
-            codec = ChunkKeys(doc, zarr3=self._use_zarr3)
-            found = set()
-            for rest in stored.get(fmt.array_key(path), ()):
-                index = codec.parse(rest)
-                if index is not None and all(k < g for k, g in zip(index, grid, strict=True)):
-                    found.add(index)
-            total = math.prod(grid)
-            if len(found) < total:
-                missing = next(
-                    i for i in itertools.product(*(range(g) for g in grid)) if i not in found
-                )
-                chunk = written[path][0][1].chunk_shape
-                shape = written[path][0][1].shape
-                region = tuple(
-                    slice(k * c, min((k + 1) * c, d))
-                    for k, c, d in zip(missing, chunk, shape, strict=True)
-                )
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: expected all {total} chunks of its grid {grid} in the "
-                    f"merged database, found {len(found)}: chunk {format_region(region)} is "
-                    "missing"
-                )
+    Raises:
+        CheckpointWriteError: the process left no record, or a malformed one.
+    """
+    records = _records_file(folder, process_id)
+    try:
+        return load_records(records.read_bytes())
+    except FileNotFoundError as e:
+        raise CheckpointWriteError(
+            f"{folder}: process {process_id} left no record of what it wrote ({records.name})"
+        ) from e
+    except ValueError as e:
+        raise CheckpointWriteError(
+            f"{folder}: the record process {process_id} left ({records.name}) is unreadable: "
+            f"{fmt.one_line(e)}"
+        ) from e
+
+
+def _join_leaves(
+    merged: dict[KeyPath, dict[str, Any]],
+    owners: dict[KeyPath, int],
+    leaves: Mapping[KeyPath, dict[str, Any]],
+    process_id: int,
+) -> None:
+    """Adds one process's leaf records to ``merged`` (by the first process recording each).
+
+    Raises:
+        CheckpointWriteError: the process recorded a leaf differently from an earlier one.
+    """
+    for path, leaf in leaves.items():
+        first = merged.setdefault(path, leaf)
+        owners.setdefault(path, process_id)
+        if first != leaf:
+            raise CheckpointWriteError(
+                f"{keystr(path)}: processes {owners[path]} and {process_id} recorded it "
+                f"differently: {first} and {leaf}"
+            )
+
+
+def _join_written(
+    written: dict[KeyPath, list[tuple[int, Coverage]]],
+    coverages: Mapping[KeyPath, Coverage],
+    process_id: int,
+) -> None:
+    """Adds what one process wrote of each array to ``written``.
+
+    Raises:
+        CheckpointWriteError: the process wrote an array in another shape than an earlier one.
+    """
+    for path, coverage in coverages.items():
+        entries = written.setdefault(path, [])
+        if entries and entries[0][1].shape != coverage.shape:
+            raise CheckpointWriteError(
+                f"{keystr(path)}: processes {entries[0][0]} and {process_id} wrote it with "
+                f"shapes {entries[0][1].shape} and {coverage.shape}"
+            )
+        entries.append((process_id, coverage))
+
+
+def _check_stored(
+    kvstore: ts.KvStore,
+    written: Mapping[KeyPath, list[tuple[int, Coverage]]],
+    *,
+    use_zarr3: bool,
+) -> None:
+    """Checks that the merged database stores every chunk of each array the processes wrote.
+
+    The processes' records say what they wrote; this checks what the merge holds, by
+    distinct chunk index on the grid (keys that are no chunk of the grid count for none).
+
+    Raises:
+        CheckpointWriteError: an array's zarr metadata or a chunk of its grid is missing.
+    """
+    # Every key of an array lies under its '.'-joined name: the zarr metadata document and
+    # one key per chunk.
+    stored: dict[str, list[str]] = {}
+    for key in kvstore.list().result():
+        name, _, rest = key.decode(errors="replace").partition("/")
+        stored.setdefault(name, []).append(rest)
+    docs = {
+        path: kvstore.read(fmt.zarr_metadata_key(path, use_zarr3))
+        for path, entries in written.items()
+        if all(entries[0][1].grid)
+    }
+    for path, future in docs.items():
+        first = written[path][0][1]
+        try:
+            result = future.result()
+            doc = json.loads(result.value) if result.state == "value" else None
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"{keystr(path)}: cannot read its zarr metadata from the merged database: "
+                f"{fmt.one_line(e)}"
+            ) from e
+        if not isinstance(doc, dict) or "shape" not in doc:
+            raise CheckpointWriteError(
+                f"{keystr(path)}: expected its zarr metadata in the merged database, found none"
+            )
+        codec = ChunkKeys(doc, zarr3=use_zarr3)
+        found = {codec.grid_index(rest, first.grid) for rest in stored.get(fmt.array_key(path), ())}
+        found.discard(None)
+        total = math.prod(first.grid)
+        if len(found) < total:
+            missing = next(
+                i for i in itertools.product(*(range(g) for g in first.grid)) if i not in found
+            )
+            region = tuple(
+                slice(k * c, min((k + 1) * c, d))
+                for k, c, d in zip(missing, first.chunk_shape, first.shape, strict=True)
+            )
+            raise CheckpointWriteError(
+                f"{keystr(path)}: expected all {total} chunks of its grid {first.grid} in the "
+                f"merged database, found {len(found)}: chunk {format_region(region)} is missing"
+            )
 
 
 def _check_joined(path: KeyPath, entries: list[tuple[int, Coverage]]) -> None:

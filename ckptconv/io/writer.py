@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,7 +42,8 @@ from . import _commit
 from . import _format as fmt
 from . import _orbax_metadata as orbax_metadata
 from ._copy import plan_copy
-from ._coverage import Coverage, describe_unwritten
+from ._coverage import Coverage
+from ._records import ItemRecords, array_record
 from ._store import WriteStore, clone_pays
 from ._zarr import array_spec, choose_chunk_shape
 from .handle import ArrayHandle
@@ -52,9 +53,6 @@ from .location import Location
 if TYPE_CHECKING:
     from .reader import CheckpointReader
     from .sources.base import CheckpointSource
-
-# The largest share of a source's referenced bytes that :meth:`CheckpointWriter.clone_for`
-# lets a clone carry along unreferenced (data of source arrays that are not copied).
 
 
 class CheckpointWriter:
@@ -85,6 +83,15 @@ class CheckpointWriter:
         max_inflight_bytes: how many bytes of written slabs TensorStore may hold in memory
             before they are committed to disk.
         use_ocdbt: store arrays in one OCDBT database; ``False``: one zarr folder per array.
+        commit: how the checkpoint is published (a
+            :class:`~ckptconv.io._commit.CommitProtocol` for ``location``); default: the one
+            of the destination's storage (:func:`~ckptconv.io._commit.for_destination`, with
+            ``force``). Variants writing part of a checkpoint, or merging parts, pass theirs.
+        records: where declared leaves and written regions are recorded; default: new
+            records. A variant that declares leaves another writer stored passes its own.
+        open_store: opens the store written into, called with the folder the protocol
+            started and :class:`~ckptconv.io._store.WriteStore`'s keyword arguments; default:
+            ``WriteStore``. A variant that writes into the store itself passes its own.
 
     Raises:
         DestinationExistsError: the destination exists and ``force`` is false.
@@ -103,6 +110,9 @@ class CheckpointWriter:
         target_data_file_size: int = 64 << 20,
         max_inflight_bytes: int = 64 << 20,
         use_ocdbt: bool = True,
+        commit: _commit.CommitProtocol | None = None,
+        records: ItemRecords | None = None,
+        open_store: Callable[..., WriteStore] | None = None,
     ) -> None:
         dest = Location.parse(location)
         try:
@@ -112,25 +122,22 @@ class CheckpointWriter:
                 f"{dest}: custom_metadata must be JSON-serialisable: {fmt.one_line(e)}"
             ) from e
         self._dest = dest
-        self._force = force
         self._use_zarr3 = use_zarr3
         self._use_ocdbt = use_ocdbt
         self._custom_metadata = custom_metadata
         self._chunk_bytes = chunk_bytes
         self._target_data_file_size = target_data_file_size
         self._max_inflight_bytes = max_inflight_bytes
-        self._protocol = _commit.for_destination(dest, force=force)
+        self._protocol = (
+            commit if commit is not None else _commit.for_destination(dest, force=force)
+        )
         self._protocol.check_destination()
+        self._records = ItemRecords() if records is None else records
+        self._open_store = open_store
         self._state = "new"
         self._work: Location | None = None  # where data and metadata are being written
         self._init_ns = 0
         self._store: WriteStore | None = None
-        self._leaves: dict[KeyPath, dict[str, Any]] = {}
-        self._keys: dict[str, KeyPath] = {}
-        self._handles: dict[KeyPath, ArrayHandle] = {}
-        self._copied: set[KeyPath] = set()
-        # What was written of every array this writer wrote or copied.
-        self._written: dict[KeyPath, Coverage] = {}
 
     def __repr__(self) -> str:
         return f"CheckpointWriter({str(self._dest)!r}, state={self._state})"
@@ -147,6 +154,19 @@ class CheckpointWriter:
         Object stores have none: the destination itself is written, committed by its marker.
         """
         return self._protocol.temporary if self._state == "open" else None
+
+    @property
+    def folder(self) -> Location:
+        """Where data and metadata are being written; opens the writer if needed.
+
+        The temporary folder, or on an object store the destination itself.
+
+        Raises:
+            CheckpointWriteError: the writer is committed or aborted.
+        """
+        self._check_open()
+        assert self._work is not None
+        return self._work
 
     def __enter__(self) -> CheckpointWriter:
         self._start()
@@ -212,21 +232,12 @@ class CheckpointWriter:
                 raise CheckpointWriteError(
                     f"{keystr(path)}: chunk shape {chunk} does not fit shape {shape}"
                 )
-        key = fmt.array_key(path)
         store = self._open_array(
             path, array_spec(shape, dtype_name, chunk, use_zarr3=self._use_zarr3)
         )
         handle = ArrayHandle(self, path, shape, dtype_name, chunk, store)
-        self._leaves[path] = {
-            "key_types": types,
-            "value_type": "jax.Array",
-            "chunk": chunk,
-            "sharding": sharding if sharding is not None else orbax_metadata.DEFAULT_SHARDING,
-            "ext_metadata": {"random_key_impl": random_key_impl} if random_key_impl else None,
-        }
-        self._keys[key] = path
-        self._handles[path] = handle
-        self._written[path] = handle.coverage
+        record = array_record(types, chunk, sharding, random_key_impl)
+        self._records.add(path, record, handle.coverage)
         return handle
 
     def write(
@@ -290,7 +301,7 @@ class CheckpointWriter:
                 f"found {value_type!r}"
             )
         path, types = self._declare(path, key_types)
-        self._leaves[path] = {"key_types": types, "value_type": value_type}
+        self._records.add(path, {"key_types": types, "value_type": value_type})
 
     def clone_from(self, reader: CheckpointReader) -> bool:
         """Starts the checkpoint as a copy of ``reader``'s OCDBT database, to copy arrays cheaply.
@@ -317,7 +328,7 @@ class CheckpointWriter:
         """
         self._check_open()
         assert self._store is not None
-        if self._leaves or self._store.cloned_from is not None:
+        if self._records.leaves or self._store.cloned_from is not None:
             raise CheckpointWriteError(
                 f"{self._dest}: clone_from must be called once, before anything is written"
             )
@@ -381,12 +392,15 @@ class CheckpointWriter:
         key_types: Sequence[int] | None = None,
         sharding: Mapping[str, Any] | None = None,
         random_key_impl: str | None = None,
+        chunks: Collection[str] | None = None,
     ) -> tuple[int, ...]:
         """Writes ``np.transpose(source, axes)`` by copying the source's encoded chunks.
 
         Nothing is decoded, so the values are bit-identical to the source's. From the reader
         given to :meth:`clone_from`, keys are renamed by reference; from any other, stored
-        chunk bytes are read and written, a few reads in flight at a time.
+        chunk bytes are read and written, a few reads in flight at a time. With ``chunks``
+        only those chunks are copied: the rest of the array must be written otherwise (by
+        another process of a multi-process write, see :mod:`ckptconv.io.multiprocess`).
 
         Example:
             >>> reader = CheckpointReader("linen_ckpt")
@@ -402,6 +416,9 @@ class CheckpointWriter:
             key_types: see :meth:`create`.
             sharding: see :meth:`create`.
             random_key_impl: see :meth:`create`.
+            chunks: the source chunk keys to copy (relative to the array, as
+                :meth:`CheckpointReader.chunk_keys` lists them); ``None`` copies them all.
+                The zarr metadata document is written either way.
 
         Returns:
             The output shape.
@@ -427,6 +444,8 @@ class CheckpointWriter:
                 f"({'zarr3' if reader.use_zarr3 else 'zarr2'} source, "
                 f"{'zarr3' if self._use_zarr3 else 'zarr2'} destination)"
             )
+        if chunks is not None:
+            plan = plan.only(chunks)
         key = fmt.array_key(path)
         try:
             self._store.copy(key, plan, reader)
@@ -437,29 +456,25 @@ class CheckpointWriter:
             raise CheckpointWriteError(
                 f"{keystr(path)}: copying {keystr(tuple(source_path))} failed: {fmt.one_line(e)}"
             ) from e
-        self._leaves[path] = {
-            "key_types": types,
-            "value_type": "jax.Array",
-            "chunk": plan.chunk_shape,
-            "write_shape": plan.write_shape,
-            "sharding": sharding if sharding is not None else orbax_metadata.DEFAULT_SHARDING,
-            "ext_metadata": {"random_key_impl": random_key_impl} if random_key_impl else None,
-        }
-        self._keys[key] = path
-        self._copied.add(path)
-        # plan_copy found every chunk of the grid stored, and all of them were copied.
+        record = array_record(
+            types, plan.chunk_shape, sharding, random_key_impl, write_shape=plan.write_shape
+        )
         coverage = Coverage(plan.shape, plan.chunk_shape)
-        coverage.add_all()
-        self._written[path] = coverage
+        if chunks is None:
+            coverage.add_all()  # plan_copy found every chunk of the grid stored
+        else:
+            coverage.add_chunks(plan.grid_chunks())
+        self._records.add(path, record, coverage)
         return plan.shape
 
     def commit(self) -> Location:
         """Finishes the checkpoint and moves it into place.
 
         Commits every pending write, checks that every declared array was written in full and
-        that the leaves form one tree, writes the metadata files with ``commit_success.txt``
-        last, then (on a local disk) renames the temporary folder to the destination
-        (replacing it when ``force``, the old one deleted only after the new one is in place).
+        that the leaves form one tree (the commit protocol's ``check``), writes the metadata
+        files with ``commit_success.txt`` last, then (on a local disk) renames the temporary
+        folder to the destination (replacing it when ``force``, the old one deleted only after
+        the new one is in place).
         On an object store the checkpoint is complete once ``commit_success.txt`` is written.
 
         Returns:
@@ -477,11 +492,11 @@ class CheckpointWriter:
             self._store.drain_copies(0)
             self._store.drop_clone_leftovers()
             self._store.flush(wait=True)
-            self._validate()
+            self._protocol.check(self._records)
             self._protocol.commit(
                 lambda folder: orbax_metadata.write_item_metadata(
                     folder,
-                    self._leaves,
+                    self._records.leaves,
                     use_zarr3=self._use_zarr3,
                     custom_metadata=self._custom_metadata,
                     init_timestamp_ns=self._init_ns,
@@ -524,7 +539,7 @@ class CheckpointWriter:
         self._state = "open"
         self._init_ns = time.time_ns()
         try:
-            self._store = WriteStore(
+            self._store = (self._open_store or WriteStore)(
                 self._work,
                 target_data_file_size=self._target_data_file_size,
                 max_inflight_bytes=self._max_inflight_bytes,
@@ -544,16 +559,7 @@ class CheckpointWriter:
         self, path: KeyPath, key_types: Sequence[int] | None
     ) -> tuple[KeyPath, tuple[int, ...]]:
         self._check_open()
-        path, types = orbax_metadata.check_key_path(path, key_types)
-        if path in self._leaves:
-            raise CheckpointWriteError(f"{keystr(path)}: written twice")
-        other = self._keys.get(fmt.array_key(path))
-        if other is not None:
-            raise CheckpointWriteError(
-                f"{keystr(path)}: its OCDBT key {fmt.array_key(path)!r} is already used by "
-                f"{keystr(other)}"
-            )
-        return path, types
+        return self._records.check_new(path, key_types)
 
     def _open_array(self, path: KeyPath, spec: dict[str, Any]) -> ts.TensorStore:
         assert self._store is not None
@@ -583,17 +589,3 @@ class CheckpointWriter:
         # files, instead of one small file and one B-tree update per write.
         assert self._store is not None
         self._store.write_slab(view, data, keystr(path))
-
-    def _validate(self) -> None:
-        if not self._handles and not self._copied:
-            raise CheckpointWriteError(
-                f"{self._dest}: expected at least one array, found "
-                f"{len(self._leaves)} empty leaves and no array"
-            )
-        for path, coverage in self._written.items():
-            region = coverage.unwritten()
-            if region is not None:
-                raise CheckpointWriteError(
-                    f"{keystr(path)}: {describe_unwritten(coverage.shape, region)}"
-                )
-        orbax_metadata.check_tree({p: leaf["key_types"] for p, leaf in self._leaves.items()})

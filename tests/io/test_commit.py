@@ -118,3 +118,22 @@ def test_rename_commit_keeps_the_temporary_sibling(tmp_path):
     assert not (tmp_path / tmp.name).exists()
     assert (tmp_path / "out" / "commit_success.txt").exists()
     assert not (tmp_path / "out" / ".ckptconv-incomplete").exists()
+
+
+def test_a_writer_publishes_through_an_injected_protocol(tmp_path):
+    calls = []
+
+    class Recording(_commit.RenameCommit):
+        def check(self, records):
+            calls.append(("check", sorted(records.leaves)))
+            super().check(records)
+
+        def commit(self, write_metadata):
+            calls.append(("commit", None))
+            super().commit(write_metadata)
+
+    dest = Location.parse(tmp_path / "out")
+    with CheckpointWriter(dest, commit=Recording(dest, force=False)) as w:
+        w.write(("a",), np.ones(3, np.float32))
+    assert calls == [("check", [("a",)]), ("commit", None)]
+    np.testing.assert_array_equal(CheckpointReader(dest).read(("a",)), np.ones(3))

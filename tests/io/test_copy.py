@@ -173,3 +173,20 @@ def test_only_copied_arrays_commit(tmp_path):
     with CheckpointWriter(tmp_path / "out", use_zarr3=False) as w:
         w.copy_array(("z",), reader, ("a", "small"))
     assert CheckpointReader(tmp_path / "out").leaves()[("z",)].shape == (3, 4)
+
+
+def test_a_copy_of_some_chunks_leaves_the_rest_to_write(tmp_path):
+    arrays = make_source(tmp_path / "src", zarr3=True, dtype=np.float32, chunk_bytes=4 * 5 * 7 * 4)
+    reader = CheckpointReader(tmp_path / "src")
+    keys = reader.chunk_keys(("a", "big"))
+    assert len(keys) == 3  # 12 rows in chunks of 4
+    big = arrays[("a", "big")]
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.copy_array(("y",), reader, ("a", "big"), axes=(1, 0, 2), chunks=set(keys))
+    np.testing.assert_array_equal(
+        CheckpointReader(tmp_path / "out").read(("y",)), big.transpose(1, 0, 2)
+    )
+    with pytest.raises(CheckpointWriteError, match=r"^z: .*region \[4:8, 0:5, 0:7\] unwritten"):
+        with CheckpointWriter(tmp_path / "out2") as w:
+            w.copy_array(("z",), reader, ("a", "big"), chunks={keys[0], keys[2]})
+    assert not (tmp_path / "out2").exists()

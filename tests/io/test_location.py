@@ -180,3 +180,16 @@ def test_file_write_and_delete_tree(tmp_path):
     loc.delete_tree()
     assert not (tmp_path / "d").exists()
     loc.delete_tree()  # nothing there: not an error
+
+
+def test_memory_folder_is_its_key_prefix_only():
+    loc = Location.parse("memory://tests/location/prefix")
+    for name in ("a/x", "a/y/z", "a0", "a.b", "ab/c"):
+        loc.join(name).write_bytes(b"1")
+    assert loc.join("a").list_dir() == ["x", "y"]
+    assert loc.list_dir() == ["a", "a.b", "a0", "ab"]
+    loc.join("a").delete_tree()
+    assert not loc.join("a").exists() and not loc.join("a").is_dir()
+    assert loc.list_dir() == ["a.b", "a0", "ab"]
+    loc.delete_tree()
+    assert not loc.exists()
