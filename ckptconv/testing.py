@@ -203,6 +203,32 @@ def edited_copy(src: Any, dst: Any, edit: Callable[[tuple, Any], Any]) -> Any:
     return dst
 
 
+def restore_target(reader: Any, sharding: Callable[[tuple], Any] | None = None) -> dict:
+    """The nested ``jax.ShapeDtypeStruct`` target Orbax restores a checkpoint into.
+
+    Args:
+        reader: A ``CheckpointReader`` (or source) of the checkpoint.
+        sharding: ``sharding(path)`` gives each array's sharding; None: no sharding.
+
+    Returns:
+        ``{key: ... {key: ShapeDtypeStruct}}`` of every non-empty leaf.
+    """
+    import jax
+
+    from .io import numpy_dtype
+
+    target: dict = {}
+    for path, leaf in reader.leaves().items():
+        if leaf.empty:
+            continue
+        node = target
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        shard = None if sharding is None else sharding(path)
+        node[path[-1]] = jax.ShapeDtypeStruct(leaf.shape, numpy_dtype(leaf.dtype), sharding=shard)
+    return target
+
+
 def run_cli(*args: Any) -> tuple[int, str, str]:
     """Runs ``ckptconv ARGS...`` in-process; returns ``(exit_code, stdout, stderr)``."""
     from click.testing import CliRunner

@@ -7,7 +7,7 @@ document on stdout; progress bars go to stderr. One module per group of commands
 decode, verify), :mod:`.tools` (inspect, demo, launch).
 """
 
-from . import convert, models, tools  # noqa: F401 - registers the commands
+from . import convert, models, reshard, tools  # noqa: F401 - registers the commands
 from ._app import EXIT_DIFFERENT, EXIT_USER_ERROR, main, user_errors
 
 __all__ = ["EXIT_DIFFERENT", "EXIT_USER_ERROR", "main", "user_errors"]

@@ -7,6 +7,7 @@ stdout; progress bars go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -96,3 +97,28 @@ model_options = options(
     ),
     click.option("--model", "model_spec", default=None, help="Model adapter, module:function."),
 )
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, *, enabled: bool):
+    """Yields ``progress(done, total, path)`` drawing a bar on stderr (a terminal only).
+
+    The bar starts at the first call, when the total is known, and is closed on exit.
+    """
+    state: dict = {"bar": None, "done": 0}
+    show = enabled and sys.stderr.isatty()
+
+    def progress(done: int, total: int, path: str) -> None:
+        if not show:
+            return
+        if state["bar"] is None:
+            state["bar"] = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
+            state["bar"].__enter__()
+        state["bar"].update(done - state["done"])
+        state["done"] = done
+
+    try:
+        yield progress
+    finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import PlanError
-from ._app import EXIT_DIFFERENT, _emit, json_option, main, options, user_errors
+from ._app import EXIT_DIFFERENT, _emit, json_option, main, options, progress_bar, user_errors
 
 
 def _parse_renames(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -181,27 +181,13 @@ def _run_convert(
         result = convert(src, None, direction=direction, options=options, target=target_leaves)
         _emit(result.plan.to_dict(), as_json, result.plan.describe())
         return
-    show_bar = not as_json and sys.stderr.isatty()
-    bar = None
-    state = {"done": 0}
-
-    def progress(done: int, total: int, path: str) -> None:
-        nonlocal bar
-        if not show_bar:
-            return
-        if bar is None:
-            bar = click.progressbar(length=max(total, 1), label=direction, file=sys.stderr)
-            bar.__enter__()
-        bar.update(done - state["done"])
-        state["done"] = done
-
     run = convert
     if coordinator or num_processes is not None or process_id is not None:
         from ..convert.distributed import ProcessSettings, convert_in_processes
 
         settings = ProcessSettings(coordinator, num_processes, process_id, barrier_timeout)
         run = functools.partial(convert_in_processes, processes=settings)
-    try:
+    with progress_bar(direction, enabled=not as_json) as progress:
         result = run(
             src,
             dst,
@@ -212,9 +198,6 @@ def _run_convert(
             progress=progress,
             output_format=output_format,
         )
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
     d = result.to_dict()
     who = f"process {d['process_id']} of {d['num_processes']}: " if "process_id" in d else ""
     _emit(

@@ -163,6 +163,25 @@ def make_plan(
     return fn(source.leaves(), source.custom_metadata, options, where=str(source.location))
 
 
+def open_writer(
+    source: CheckpointSource,
+    dst: Location,
+    custom_metadata: dict | None,
+    *,
+    force: bool,
+    use_ocdbt: bool,
+) -> CheckpointWriter:
+    """The writer of a streamed rewrite of ``source`` into ``dst`` (same zarr version)."""
+    return CheckpointWriter(
+        dst,
+        force=force,
+        use_zarr3=source.use_zarr3,
+        custom_metadata=custom_metadata,
+        max_inflight_bytes=INFLIGHT_BYTES,
+        use_ocdbt=use_ocdbt,
+    )
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike | None,
@@ -217,13 +236,8 @@ def convert(
     dst_loc = Location.parse(dst)
     check_paths(source.location, dst_loc)
     start = time.perf_counter()
-    with CheckpointWriter(
-        dst_loc,
-        force=force,
-        use_zarr3=source.use_zarr3,
-        custom_metadata=plan.custom_metadata,
-        max_inflight_bytes=INFLIGHT_BYTES,
-        use_ocdbt=use_ocdbt,
+    with open_writer(
+        source, dst_loc, plan.custom_metadata, force=force, use_ocdbt=use_ocdbt
     ) as writer:
         tasks = schedule(
             plan, source, can_copy=writer.can_copy if fast else None, slab_bytes=slab_bytes

@@ -7,7 +7,7 @@ One function, :func:`schedule`, decides for every output leaf of a plan one of f
   stored (encoded chunks reused; the writer says so through ``can_copy``);
 - ``decode``: an expression evaluated in slabs laid on the source's chunk grid, each of at
   most ``slab_bytes``, and encoded again (casts, stacking, axis orders a format cannot
-  express);
+  express, a chunk grid other than the source's);
 - ``layers``: every layer unstacked from one stacked array, written from the same slabs so
   that each source chunk is decoded once for all the layers it holds.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..errors import PlanError
 from ..io import KeyPath, Leaf, choose_chunk_shape, dtype_itemsize
@@ -98,6 +98,7 @@ def schedule(
     can_copy: CanCopy | None,
     num_processes: int = 1,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
+    chunks: Mapping[KeyPath, Sequence[int]] | None = None,
 ) -> list[Task]:
     """Decides how every output leaf of ``plan`` is written, and splits the work.
 
@@ -115,6 +116,13 @@ def schedule(
             verbatim?"; ``None`` decodes everything (the reference path).
         num_processes: how many processes share the work.
         slab_bytes: the largest decoded slab held at once, in bytes.
+        chunks: the stored chunk shape of some output leaves, by path (e.g. one device's
+            shard, to pre-shard for a mesh). Such a leaf is copied only when the source's
+            chunk grid, permuted, already is that shape; otherwise it is decoded on its own
+            (never grouped with the other layers of its stack), in slabs made of whole
+            output chunks (and of whole source chunks when both fit in ``slab_bytes``). A
+            chunk larger than ``slab_bytes`` is written by several slabs. Other leaves get
+            chunks of at most ``OUT_CHUNK_BYTES`` that tile their slabs.
 
     Returns:
         The tasks in plan order, every piece assigned.
@@ -124,12 +132,17 @@ def schedule(
     """
     if num_processes < 1:
         raise PlanError(f"expected at least one process, found {num_processes}")
+    wanted = {tuple(p): tuple(int(c) for c in shape) for p, shape in (chunks or {}).items()}
     copies = {}
     for leaf in plan.leaves:
         found = None if leaf.expr is None or can_copy is None else permuted_source(leaf.expr)
-        if found is not None and can_copy(source, found[0].path, found[1]):
+        if (
+            found is not None
+            and _keeps_chunks(source, found, wanted.get(leaf.path))
+            and can_copy(source, found[0].path, found[1])
+        ):
             copies[leaf.path] = found
-    groups = _layer_groups([o for o in plan.leaves if o.path not in copies])
+    groups = _layer_groups([o for o in plan.leaves if o.path not in copies | wanted.keys()])
     drafts: list[Task] = []
     finished: set[KeyPath] = set()
     for out in plan.leaves:
@@ -143,7 +156,7 @@ def schedule(
         elif out.path in groups:
             task = _layers_task(source, tuple(groups[out.path]), slab_bytes)
         else:
-            task = _decode_task(source, out, slab_bytes)
+            task = _decode_task(source, out, slab_bytes, wanted.get(out.path))
         drafts.append(task)
         finished.update(leaf.path for leaf in task.leaves)
     return _split(drafts, num_processes)
@@ -255,16 +268,59 @@ def tile_shape(slab: tuple[int, ...], itemsize: int, max_bytes: int = OUT_CHUNK_
     return tuple(max(1, d) for d in out)
 
 
-def _decode_task(source: CheckpointSource, out: OutLeaf, slab_bytes: int) -> Task:
+def _keeps_chunks(
+    source: CheckpointSource, found: tuple[Src, tuple[int, ...]], chunk: tuple[int, ...] | None
+) -> bool:
+    """Whether copying ``found`` gives the wanted chunk shape (``None``: any is fine)."""
+    if chunk is None:
+        return True
+    stored = source.chunk_shape(found[0].path)
+    return tuple(stored[a] for a in found[1]) == chunk
+
+
+def aligned_slab_shape(
+    shape: tuple[int, ...],
+    box: tuple[int, ...],
+    chunk: tuple[int, ...],
+    itemsize: int,
+    slab_bytes: int,
+) -> tuple[int, ...]:
+    """A slab shape made of whole output chunks ``chunk``, read from source chunks ``box``.
+
+    When a cell covering whole source and output chunks (their least common multiple on
+    each axis, clipped to the array) fits in ``slab_bytes``, slabs are made of such cells;
+    otherwise of whole output chunks; an output chunk larger than the budget is split.
+
+    Example:
+        >>> aligned_slab_shape((8, 8), (8, 2), (4, 4), 4, 64)
+        (4, 4)
+        >>> aligned_slab_shape((8, 8), (8, 2), (4, 4), 4, 1024)
+        (8, 8)
+    """
+    joint = tuple(min(d, math.lcm(b, c)) for d, b, c in zip(shape, box, chunk, strict=True))
+    if math.prod(joint) * itemsize <= slab_bytes:
+        return slab_shape(shape, joint, itemsize, slab_bytes)
+    return slab_shape(
+        shape, tuple(min(d, c) for d, c in zip(shape, chunk, strict=True)), itemsize, slab_bytes
+    )
+
+
+def _decode_task(
+    source: CheckpointSource, out: OutLeaf, slab_bytes: int, chunk: tuple[int, ...] | None
+) -> Task:
     expr: Expr = out.expr  # type: ignore[assignment]
     itemsize = _itemsize(expr.dtype)
     box = source_chunk_box(expr, source.chunk_shape)
-    slab = slab_shape(expr.shape, box, itemsize, slab_bytes)
+    if chunk is None:
+        slab = slab_shape(expr.shape, box, itemsize, slab_bytes)
+        chunk = tile_shape(slab, itemsize)
+    else:
+        slab = aligned_slab_shape(expr.shape, box, chunk, itemsize, slab_bytes)
     pieces = tuple(
         Piece(_bounds(index), math.prod(s.stop - s.start for s in index) * itemsize)
         for index in slab_boxes(expr.shape, slab)
     )
-    return Task("decode", (out,), pieces, chunks=(tile_shape(slab, itemsize),))
+    return Task("decode", (out,), pieces, chunks=(chunk,))
 
 
 def layer_of(expr: Expr | None) -> tuple[Expr, int, int, str | None] | None:

@@ -37,20 +37,34 @@ def choose_chunk_shape(shape: Sequence[int], itemsize: int, max_bytes: int) -> t
     return tuple(chunk)
 
 
+def tiles(inner: Sequence[int], chunk: Sequence[int]) -> bool:
+    """Whether chunks of shape ``inner`` tile one of shape ``chunk`` exactly."""
+    if len(inner) != len(chunk):
+        return False
+    return all(i >= 1 and c % i == 0 for i, c in zip(inner, chunk, strict=True))
+
+
 def array_spec(
-    shape: Sequence[int], dtype: str, chunk: Sequence[int], *, use_zarr3: bool
+    shape: Sequence[int],
+    dtype: str,
+    chunk: Sequence[int],
+    *,
+    use_zarr3: bool,
+    inner_chunk: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Returns the TensorStore spec (without kvstore) that creates one array as Orbax would.
 
-    zarr3 as MaxText writes it: a ``sharding_indexed`` codec whose shard is one chunk, bytes
-    little-endian then zstd level 3, a crc32c index at the end. zarr2 as
-    ``ocp.StandardCheckpointer`` writes it: zstd level 1.
+    zarr3 as MaxText writes it: a ``sharding_indexed`` codec whose shard is one chunk (or
+    holds chunks of ``inner_chunk``), bytes little-endian then zstd level 3, a crc32c index at
+    the end. zarr2 as ``ocp.StandardCheckpointer`` writes it: zstd level 1.
 
     Args:
         shape: the array shape.
         dtype: the canonical dtype name.
         chunk: the chunk shape (see :func:`choose_chunk_shape`).
         use_zarr3: zarr v3 rather than v2.
+        inner_chunk: zarr3 only: the chunk shape inside each stored chunk, which it must
+            divide; default: ``chunk`` itself.
 
     Returns:
         A JSON spec for ``ts.open``.
@@ -63,7 +77,7 @@ def array_spec(
                 {
                     "name": "sharding_indexed",
                     "configuration": {
-                        "chunk_shape": list(chunk),
+                        "chunk_shape": list(chunk if inner_chunk is None else inner_chunk),
                         "codecs": [
                             {"name": "bytes", "configuration": {"endian": "little"}},
                             {"name": "zstd", "configuration": {"level": 3}},

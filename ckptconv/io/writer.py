@@ -45,7 +45,7 @@ from ._copy import plan_copy
 from ._coverage import Coverage
 from ._records import ItemRecords, array_record
 from ._store import WriteStore, clone_pays
-from ._zarr import array_spec, choose_chunk_shape
+from ._zarr import array_spec, choose_chunk_shape, tiles
 from .handle import ArrayHandle
 from .leaf import KeyPath, keystr
 from .location import Location
@@ -191,6 +191,7 @@ class CheckpointWriter:
         sharding: Mapping[str, Any] | None = None,
         random_key_impl: str | None = None,
         chunk_shape: Sequence[int] | None = None,
+        inner_chunk_shape: Sequence[int] | None = None,
     ) -> ArrayHandle:
         """Declares one array and returns a handle to write it slab by slab.
 
@@ -208,6 +209,8 @@ class CheckpointWriter:
             chunk_shape: the stored chunk shape; default: at most ``chunk_bytes``, splitting
                 the leading axes first. Slabs that cover whole chunks are written without
                 reading anything back.
+            inner_chunk_shape: zarr3 only: the chunks inside each stored chunk (those of its
+                ``sharding_indexed`` codec), each dividing ``chunk_shape``; default: one.
 
         Returns:
             The array's handle; every element must be written before :meth:`commit`.
@@ -232,9 +235,13 @@ class CheckpointWriter:
                 raise CheckpointWriteError(
                     f"{keystr(path)}: chunk shape {chunk} does not fit shape {shape}"
                 )
-        store = self._open_array(
-            path, array_spec(shape, dtype_name, chunk, use_zarr3=self._use_zarr3)
-        )
+        inner = None if inner_chunk_shape is None else tuple(int(c) for c in inner_chunk_shape)
+        if inner is not None and not (self._use_zarr3 and tiles(inner, chunk)):
+            raise CheckpointWriteError(
+                f"{keystr(path)}: inner chunk shape {inner} must divide {chunk} (zarr3 only)"
+            )
+        spec = array_spec(shape, dtype_name, chunk, use_zarr3=self._use_zarr3, inner_chunk=inner)
+        store = self._open_array(path, spec)
         handle = ArrayHandle(self, path, shape, dtype_name, chunk, store)
         record = array_record(types, chunk, sharding, random_key_impl)
         self._records.add(path, record, handle.coverage)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -12,7 +11,7 @@ import pytest
 
 from ckptconv.convert import ConvertOptions, compare, convert
 from ckptconv.io import CheckpointReader, CheckpointWriter
-from ckptconv.testing import assert_same_checkpoint, scanned_maxtext_shapes
+from ckptconv.testing import assert_same_checkpoint, restore_target, scanned_maxtext_shapes
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
 
@@ -96,15 +95,7 @@ def test_fast_output_restores_with_plain_orbax(tmp_path):
     convert(src, tmp_path / "slow", fast=False)
     slow = CheckpointReader(tmp_path / "slow")
     plain = ocp.PyTreeCheckpointer().restore(str(tmp_path / "fast"))
-    target: dict = {}
-    for path, leaf in slow.leaves().items():
-        if leaf.empty:
-            continue
-        node = target
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        dtype = ml_dtypes.bfloat16 if leaf.dtype == "bfloat16" else np.dtype(leaf.dtype)
-        node[path[-1]] = jax.ShapeDtypeStruct(leaf.shape, dtype)
+    target = restore_target(slow)
     with_target = ocp.StandardCheckpointer().restore(str(tmp_path / "fast"), target)
     for path, leaf in slow.leaves().items():
         if leaf.empty:
