@@ -31,6 +31,10 @@ class PlanError(CkptconvError, ValueError):
     """A conversion plan cannot be built or does not match its target."""
 
 
+class MappingError(PlanError):
+    """A mapping file that cannot be read or applied (names the rule and the path)."""
+
+
 class DestinationExistsError(CkptconvError, FileExistsError):
     """The destination exists and ``force`` was not given, or it lies inside the source."""
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import yaml
 
-from ..errors import PlanError
+from ..errors import MappingError, PlanError
 from ..io import numpy_dtype
 from . import steps as steps_mod
 from .expr import Expr, Src
@@ -58,10 +58,6 @@ _KEYS = {
 }
 _TOP = {"version", "layout", "rules", "ignore"}
 Shapes = dict[str, tuple[tuple[int, ...], str]]
-
-
-class MappingError(PlanError):
-    """A mapping file that cannot be read or applied (names the rule and the path)."""
 
 
 @dataclasses.dataclass(frozen=True)
