@@ -126,6 +126,8 @@ def test_restore_names_the_paths_that_do_not_fit(toy_ckpts):
         ("verify", "toy_model:no_linen", "lacks linen_forward, which verify needs"),
         ("verify", "no_such_mod:adapter", "cannot import module no_such_mod"),
         ("annotate", "toy_model:not_an_adapter", "lacks nnx_model, nnx_forward"),
+        ("reshard", "toy_model:not_an_adapter", "lacks nnx_model, nnx_forward"),
+        ("reshard", "no_such_mod:adapter", "cannot import module no_such_mod"),
     ],
 )
 def test_bad_model_inputs_are_one_line_and_exit_2(command, spec, message, toy_ckpts):
@@ -134,6 +136,7 @@ def test_bad_model_inputs_are_one_line_and_exit_2(command, spec, message, toy_ck
         "decode": ["decode", nnx_ckpt, "--prompt-ids", "1,2,3"],
         "verify": ["verify", linen, nnx_ckpt],
         "annotate": ["annotate", "--mesh", "data=2"],
+        "reshard": ["reshard", nnx_ckpt, nnx_ckpt.parent / "resharded", "--mesh", "data=2"],
     }[command]
     code, _, err = run(*args, "--model", spec)
     assert code == 2, err
@@ -159,3 +162,16 @@ def test_annotate_params_of_an_adapter():
         "annotate", "--model", "toy_model:adapter", "--mesh", "data=2", "--mode", "ar"
     )
     assert code == 2 and "keeps no nnx.Cache variables" in err
+
+
+def test_reshard_takes_an_adapter(toy_ckpts, tmp_path):
+    _, nnx_ckpt = toy_ckpts
+    out = tmp_path / "resharded"
+    code, stdout, err = run(
+        "reshard", nnx_ckpt, out, "--model", "toy_model:adapter", "--mesh", "data=2", "--json"
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert {leaf["path"] for leaf in report["leaves"]} >= {"model/wq/kernel/value"}
+    code, text, err = run("compare", nnx_ckpt, out)
+    assert code == 0 and "bit-exact" in text, text + err
