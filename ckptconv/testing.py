@@ -229,6 +229,23 @@ def restore_target(reader: Any, sharding: Callable[[tuple], Any] | None = None) 
     return target
 
 
+def as_numpy(x: Any) -> Any:
+    """An array's values as numpy; typed PRNG keys (Orbax restores them so) as their key data."""
+    import jax
+    import numpy as np
+
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+def tree_get(tree: Any, path: tuple) -> Any:
+    """The node of a restored tree at a checkpoint key path (list entries by their index)."""
+    for k in path:
+        tree = tree[int(k) if isinstance(tree, list) else k]
+    return tree
+
+
 def run_cli(*args: Any) -> tuple[int, str, str]:
     """Runs ``ckptconv ARGS...`` in-process; returns ``(exit_code, stdout, stderr)``."""
     from click.testing import CliRunner

@@ -8,7 +8,16 @@ import sys
 import click
 
 from ..errors import PlanError
-from ._app import EXIT_DIFFERENT, _emit, json_option, main, options, progress_bar, user_errors
+from ._app import (
+    EXIT_DIFFERENT,
+    _emit,
+    json_option,
+    main,
+    model_options,
+    options,
+    progress_bar,
+    user_errors,
+)
 
 
 def _parse_renames(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -36,9 +45,73 @@ def _load_target(spec: str):
 
 
 def _convert_options(f):
-    for o in reversed([*_plan_options(), *_process_options()]):
+    for o in reversed([*_plan_options(), *_shard_options(), *_process_options()]):
         f = o(f)
     return f
+
+
+def _shard_options():
+    """The options that pre-shard the output for a mesh (as ``ckptconv reshard``)."""
+    return [
+        click.option(
+            "--shard-for",
+            "shard_for",
+            default=None,
+            metavar="MESH",
+            help="Store each array with one chunk per device shard of this mesh, e.g. "
+            "fsdp=4,tensor=2 (as ckptconv reshard writes it, in the same pass).",
+        ),
+        click.option(
+            "--rules",
+            "shard_rules",
+            default="maxtext",
+            show_default=True,
+            help="--shard-for: logical axis rules, a preset name or rules file.",
+        ),
+        model_options,
+        click.option(
+            "--names",
+            "names_file",
+            default=None,
+            metavar="FILE",
+            help="--shard-for: YAML/JSON list of {match: REGEX, axes: [...]} matched against "
+            "the output's paths (instead of --model-config or --model).",
+        ),
+        click.option(
+            "--replicate-indivisible",
+            is_flag=True,
+            help="--shard-for: replicate dimensions not divisible by their mesh axes (listed).",
+        ),
+    ]
+
+
+def _shard_for(shard_for, shard_rules, model_config, model_spec, names_file, replicate, procs):
+    """The ``ShardFor`` of the --shard-for options, or ``None`` without --shard-for.
+
+    ``procs`` is the number of processes (``None``: a multi-process run of unknown size, ``0``:
+    one process, no --coordinator).
+
+    Raises:
+        PlanError: a --shard-for option without --shard-for, or several processes.
+        ConfigError: both --names and a model, or neither.
+    """
+    given = [n for n, v in [("--model-config", model_config), ("--model", model_spec),
+             ("--names", names_file), ("--replicate-indivisible", replicate)] if v]  # fmt: skip
+    if shard_for is None:
+        if given:
+            raise PlanError(f"{given[0]} needs --shard-for MESH")
+        return None
+    if procs not in (0, 1):
+        how = "--coordinator" if procs is None else f"--num-processes {procs}"
+        raise PlanError(
+            f"--shard-for converts in one process, not with {how} (convert with several "
+            "processes, then ckptconv reshard)"
+        )
+    from ..sharding.leaf_names import resolve_names
+    from ..sharding.reshard import ShardFor
+
+    names = resolve_names(names_file, model_spec, model_config)
+    return ShardFor(shard_for, names, shard_rules, replicate_indivisible=replicate)
 
 
 def _plan_options():
@@ -161,6 +234,12 @@ def _run_convert(
     process_id=None,
     barrier_timeout=300.0,
     output_format="ocdbt",
+    shard_for=None,
+    shard_rules="maxtext",
+    model_config=None,
+    model_spec=None,
+    names_file=None,
+    replicate_indivisible=False,
 ):
     from ..convert import ConvertOptions, convert
     from ..convert.mapping import load_mapping
@@ -176,13 +255,20 @@ def _run_convert(
         params_only=params_only,
         mapping=load_mapping(mapping) if mapping else None,
     )
+    multi = coordinator or num_processes is not None or process_id is not None
+    shard = _shard_for(
+        shard_for, shard_rules, model_config, model_spec, names_file, replicate_indivisible,
+        num_processes if multi else 0,
+    )  # fmt: skip
     target_leaves = _load_target(target) if target else None
     if dry_run:
-        result = convert(src, None, direction=direction, options=options, target=target_leaves)
+        result = convert(
+            src, None, direction=direction, options=options, target=target_leaves, shard_for=shard
+        )
         _emit(result.plan.to_dict(), as_json, result.plan.describe())
         return
-    run = convert
-    if coordinator or num_processes is not None or process_id is not None:
+    run = functools.partial(convert, shard_for=shard) if shard is not None else convert
+    if multi and shard is None:
         from ..convert.distributed import ProcessSettings, convert_in_processes
 
         settings = ProcessSettings(coordinator, num_processes, process_id, barrier_timeout)
@@ -200,13 +286,26 @@ def _run_convert(
         )
     d = result.to_dict()
     who = f"process {d['process_id']} of {d['num_processes']}: " if "process_id" in d else ""
-    _emit(
-        d,
-        as_json,
+    lines = [
         f"{who}wrote {d['destination']}: {d['leaves']} leaves, "
         f"{d['bytes'] / 1e6:.1f} MB in {d['seconds']:.2f} s "
-        f"({d['source_layout']} -> {d['target_layout']}, peak RSS {d['peak_rss_mb']} MB)",
-    )
+        f"({d['source_layout']} -> {d['target_layout']}, peak RSS {d['peak_rss_mb']} MB)"
+    ]
+    if shard is not None:
+        lines += _shard_lines(result.shardings)
+    _emit(d, as_json, "\n".join(lines))
+
+
+def _shard_lines(shardings) -> list[str]:
+    """What --shard-for did, for the text output: the mesh and what it replicated."""
+    mesh = ",".join(f"{k}={v}" for k, v in shardings.mesh.items())
+    out = [f"sharded for mesh {mesh}: {len(shardings.leaves)} arrays"]
+    out += [f"replicated (no logical names): {p}" for p in shardings.unnamed]
+    out += [
+        f"replicated (indivisible): {f.path} dim {f.dim} (size {f.size}) over {'+'.join(f.axes)}"
+        for f in shardings.fallbacks
+    ]
+    return out
 
 
 _format_option = click.option(

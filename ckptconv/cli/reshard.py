@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..errors import ConfigError
 from ._app import _emit, json_option, main, model_options, progress_bar, user_errors
 
 
@@ -47,16 +46,10 @@ def reshard_cmd(
     model/<param>/value leaves, and optimizer leaves of the same shape) or from --names.
     Arrays without names are replicated and listed.
     """
-    from ..models.adapter import resolve_model
-    from ..sharding.leaf_names import load_name_rules
+    from ..sharding.leaf_names import resolve_names
     from ..sharding.reshard import reshard
 
-    if names_file is not None:
-        if model_config is not None or model_spec is not None:
-            raise ConfigError("give one of --names, --model and --model-config")
-        names = load_name_rules(names_file)
-    else:
-        names = resolve_model(model_spec, model_config)
+    names = resolve_names(names_file, model_spec, model_config)
     with progress_bar("reshard", enabled=not as_json) as progress:
         result = reshard(
             src,

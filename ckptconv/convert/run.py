@@ -38,6 +38,7 @@ import dataclasses
 import os
 import resource
 import time
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DestinationExistsError, PlanError
 from ..io import CheckpointWriter, Location
@@ -52,6 +53,9 @@ from .plan import (
     require_target,
 )
 from .schedule import DEFAULT_SLAB_BYTES, schedule
+
+if TYPE_CHECKING:  # ckptconv.sharding builds on this module: its types only
+    from ..sharding.reshard import ShardFor
 
 # Writes are committed in transactions of about this many bytes: a slab is written piece by
 # piece, so the writer holds a few pieces rather than whole slabs.
@@ -70,6 +74,7 @@ class ConvertResult:
         peak_rss_bytes: the process's peak resident set size so far.
         copied_leaves: output arrays copied without decoding.
         cloned: whether the source's database files were cloned into the output.
+        shardings: the output's shardings (``shard_for``), else ``None``.
     """
 
     plan: Plan
@@ -79,6 +84,7 @@ class ConvertResult:
     peak_rss_bytes: int
     copied_leaves: int = 0
     cloned: bool = False
+    shardings: Any = None
 
     @classmethod
     def finished(cls, plan: Plan, destination, start: float, done, cloned: bool = False, **kw):
@@ -96,7 +102,8 @@ class ConvertResult:
 
     def to_dict(self) -> dict:
         """Returns a JSON-serialisable summary (``--json``)."""
-        return {
+        extra = {} if self.shardings is None else self.shardings.to_dict()
+        return extra | {
             "direction": self.plan.direction,
             "source_layout": self.plan.source_layout,
             "target_layout": self.plan.target_layout,
@@ -194,6 +201,7 @@ def convert(
     fast: bool = True,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
     output_format: str = "ocdbt",
+    shard_for: ShardFor | None = None,
 ) -> ConvertResult:
     """Converts the checkpoint at ``src`` and writes it to ``dst``.
 
@@ -212,6 +220,10 @@ def convert(
         output_format: ``"ocdbt"`` (Orbax's default: one database) or ``"zarr"`` (one zarr
             folder per array, ``use_ocdbt=False``, which Pathways needs). Chunks are copied
             verbatim into either where the transform allows.
+        shard_for: pre-shard the output for a mesh in the same pass
+            (:class:`~ckptconv.sharding.reshard.ShardFor`): each array is stored with one
+            chunk per device shard and its ``_sharding``, as ``ckptconv reshard`` writes it.
+            The shardings are chosen from the plan's output leaves before anything is written.
 
     Note:
         When more than a few MB must be decoded, this sets glibc's malloc mmap threshold to
@@ -231,18 +243,23 @@ def convert(
     source = open_source(src)
     plan = make_plan(source, direction, options)
     require_target(plan, target)
+    shardings = None if shard_for is None else shard_for.for_plan(plan, source)
     if dst is None:
-        return ConvertResult(plan, None, 0.0, 0, peak_rss_bytes())
+        return ConvertResult(plan, None, 0.0, 0, peak_rss_bytes(), shardings=shardings)
     dst_loc = Location.parse(dst)
     check_paths(source.location, dst_loc)
     start = time.perf_counter()
     with open_writer(
         source, dst_loc, plan.custom_metadata, force=force, use_ocdbt=use_ocdbt
     ) as writer:
+        can_copy, chunks, out = writer.can_copy, None, writer
+        if shardings is not None:
+            can_copy, chunks = shardings.can_copy(writer, plan), shardings.chunks
+            out = shardings.wrap(writer)
         tasks = schedule(
-            plan, source, can_copy=writer.can_copy if fast else None, slab_bytes=slab_bytes
+            plan, source, can_copy=can_copy if fast else None, slab_bytes=slab_bytes, chunks=chunks
         )
         copied = [t.source[0].path for t in tasks if t.source is not None]
         cloned = writer.clone_for(source, copied)
-        done = execute(tasks, source, writer, progress=progress)
-    return ConvertResult.finished(plan, dst_loc, start, done, cloned)
+        done = execute(tasks, source, out, progress=progress)
+    return ConvertResult.finished(plan, dst_loc, start, done, cloned, shardings=shardings)

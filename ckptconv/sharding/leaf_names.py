@@ -147,3 +147,22 @@ def leaf_names(leaves: dict[KeyPath, Leaf], names: Any) -> dict:
     if isinstance(names, list | tuple):
         return names_from_rules(leaves, names)
     return names_from_model(leaves, names)
+
+
+def resolve_names(names_file: str | None, model_spec: str | None, model_config: str | None):
+    """The logical names the CLI's options give: a ``--names`` file, else the model.
+
+    Returns:
+        Name rules (:func:`load_name_rules`) or a model adapter.
+
+    Raises:
+        ConfigError: ``--names`` together with a model option, or no source of names.
+    """
+    from ..errors import ConfigError
+    from ..models.adapter import resolve_model
+
+    if names_file is None:
+        return resolve_model(model_spec, model_config)
+    if model_config is not None or model_spec is not None:
+        raise ConfigError("give one of --names, --model and --model-config")
+    return load_name_rules(names_file)

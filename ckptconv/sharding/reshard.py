@@ -17,6 +17,12 @@ Arrays whose stored grid already is the shard grid are copied without decoding; 
 are read in slabs of whole target chunks of at most ``slab_bytes``. The output is written
 into a temporary sibling and renamed into place; the source is only read.
 
+A conversion pre-shards its output the same way in the same pass: ``convert(...,
+shard_for=ShardFor(mesh, names))`` (:class:`ShardFor`; ``--shard-for`` on ``linen-to-nnx`` and
+``nnx-to-linen``) gives the plan's output leaves their shardings from metadata alone
+(:meth:`ShardFor.for_plan`), the schedule their chunk shapes and the writer their
+``_sharding`` (:class:`OutputShardings`).
+
 Limits: a device shard larger than ``slab_bytes`` is written by several slabs (TensorStore
 then reads back and rewrites the chunk). The ``_sharding`` device ids are those of the first
 devices of this process when it has enough for the mesh (as ``make_mesh`` lays them out),
@@ -29,13 +35,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from ..convert.execute import execute
-from ..convert.expr import Src
+from ..convert.expr import Src, permuted_source
 from ..convert.layouts import OutLeaf
 from ..convert.plan import Plan
 from ..convert.run import check_paths, open_writer, peak_rss_bytes
@@ -341,6 +348,135 @@ def _write(
             writer.write_empty(path, key_types=key_types(path), value_type=value_type(path))
     docs = {s.path: orbax_sharding(s.spec, sizes, ids) for s in shardings}
     return execute(tasks, source, _WithShardings(writer, docs, source.use_zarr3), progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputShardings:
+    """The shardings of a conversion's output leaves, and how to write them.
+
+    Attributes:
+        leaves: the sharding of every array leaf, in path order.
+        fallbacks: dimensions replicated because they were indivisible.
+        mesh: the mesh's axis sizes.
+        device_ids: the mesh's device ids (nested lists), or ``None``.
+        zarr3: whether the output is zarr3 (its stored chunks then hold inner chunks).
+    """
+
+    leaves: tuple[LeafSharding, ...]
+    fallbacks: tuple[Fallback, ...]
+    mesh: dict[str, int]
+    device_ids: Any
+    zarr3: bool
+
+    @property
+    def chunks(self) -> dict[KeyPath, tuple[int, ...]]:
+        """Each array's stored chunk shape: one device shard (the schedule's ``chunks``)."""
+        return {s.path: tuple(max(1, c) for c in s.shard_shape) for s in self.leaves}
+
+    @property
+    def unnamed(self) -> list[str]:
+        """The '/'-joined paths of the arrays that had no logical names (replicated)."""
+        return [keystr(s.path) for s in self.leaves if s.names is None]
+
+    def wrap(self, writer: CheckpointWriter) -> Any:
+        """``writer`` declaring each array with its ``_sharding`` and (zarr3) inner chunks."""
+        docs = {s.path: orbax_sharding(s.spec, self.mesh, self.device_ids) for s in self.leaves}
+        return _WithShardings(writer, docs, self.zarr3)
+
+    def can_copy(self, writer: CheckpointWriter, plan: Plan):
+        """``writer.can_copy`` that also wants a copied array's ``write_shape`` on the grid."""
+        chunks = self.chunks
+        wanted = {}
+        for out in plan.leaves:
+            found = None if out.expr is None else permuted_source(out.expr)
+            if found is not None and out.path in chunks:
+                wanted[(tuple(found[0].path), tuple(found[1]))] = chunks[out.path]
+
+        def can_copy(source, path, axes):
+            write_shape = getattr(source, "write_shape", lambda p: None)(path)
+            key = (tuple(path), tuple(axes))
+            if write_shape is not None and (
+                key not in wanted or tuple(write_shape[a] for a in axes) != wanted[key]
+            ):
+                return False
+            return writer.can_copy(source, path, axes)
+
+        return can_copy
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable summary (a conversion's ``--json``)."""
+        return {
+            "mesh": self.mesh,
+            "unnamed": self.unnamed,
+            "fallbacks": [
+                {"path": f.path, "dim": f.dim, "size": f.size, "axes": list(f.axes)}
+                for f in self.fallbacks
+            ],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFor:
+    """Pre-shard a conversion's output for a mesh (``convert(..., shard_for=...)``).
+
+    Attributes:
+        mesh: axis sizes, ``"fsdp=4,tensor=2"`` or a dict; one may be ``-1`` (real devices).
+        names: where logical names come from: name rules (``(regex, axes)`` pairs, matched
+            against the output's paths), or a model adapter / abstract ``nnx.Module`` /
+            ``nnx.State``. A model names the NNX side: the output's ``model/<path>/value``
+            leaves (``linen-to-nnx``), or the source's (``nnx-to-linen``), whose names an
+            output array copied or axis-permuted from such a leaf takes with it (others are
+            replicated and listed).
+        rules: a preset name, a rules file or the rules.
+        replicate_indivisible: replicate indivisible dimensions (reported) instead of failing.
+    """
+
+    mesh: str | Mapping[str, int]
+    names: Any
+    rules: str | LogicalAxisRules = "maxtext"
+    replicate_indivisible: bool = False
+
+    def for_plan(self, plan: Plan, source: CheckpointSource) -> OutputShardings:
+        """The shardings of ``plan``'s output leaves (metadata only; nothing is read).
+
+        Raises:
+            ShardingError: as :func:`plan_shardings`.
+        """
+        abstract, sizes, ids = _meshes(self.mesh)
+        rules = self.rules
+        if not isinstance(rules, LogicalAxisRules):
+            rules = load_rules(rules)
+        names = self.names
+        if not isinstance(names, list | tuple) and plan.direction == "nnx-to-linen":
+            names = names_through_plan(plan, source, names)
+        shardings, fallbacks = plan_shardings(
+            plan.output_leaves(),
+            mesh=abstract,
+            rules=rules,
+            names=names,
+            replicate_indivisible=self.replicate_indivisible,
+        )
+        return OutputShardings(tuple(shardings), tuple(fallbacks), sizes, ids, source.use_zarr3)
+
+
+def names_through_plan(plan: Plan, source: CheckpointSource, model: Any) -> list:
+    """Name rules for ``plan``'s output from a model naming the source's leaves.
+
+    An output array that is a source array as stored or with its axes permuted gets the
+    source's names, permuted; the others get none.
+
+    Returns:
+        ``(exact path regex, axes)`` pairs, one per named output array.
+    """
+    arrays = {p: leaf for p, leaf in source.leaves().items() if not leaf.empty}
+    found = leaf_names(arrays, model)
+    rules = []
+    for out in plan.leaves:
+        src = None if out.expr is None else permuted_source(out.expr)
+        if src is not None and found.get(tuple(src[0].path)) is not None:
+            axes = found[tuple(src[0].path)]
+            rules.append((f"^{re.escape(keystr(out.path))}$", tuple(axes[a] for a in src[1])))
+    return rules
 
 
 def reshard(

@@ -22,7 +22,7 @@ from ckptconv.sharding import (
 )
 from ckptconv.sharding import reshard as reshard_module
 from ckptconv.sharding.reshard import orbax_sharding, reshard
-from ckptconv.testing import assert_one_line_error, restore_target, run_cli
+from ckptconv.testing import as_numpy, assert_one_line_error, restore_target, run_cli, tree_get
 
 # Restoring without a target reads the shardings from _sharding, which is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided:UserWarning")
@@ -108,19 +108,6 @@ def restore_tree(path, reader, specs, mesh):
     return ocp.StandardCheckpointer().restore(str(path), target)
 
 
-def as_np(x):
-    """Values of an array; typed PRNG keys (Orbax restores them so) as their key data."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    return np.asarray(x)
-
-
-def get(tree, path):
-    for k in path:
-        tree = tree[int(k) if isinstance(tree, list) else k]
-    return tree
-
-
 def mesh_of(spec):
     """The mesh on the first devices it needs (all 8, or fewer)."""
     return make_mesh(spec, devices=jax.devices()[: math.prod(parse_mesh_spec(spec).values())])
@@ -145,12 +132,12 @@ def check_resharded(src, out, mesh_spec, specs):
         expected = source.read(path)
         got = result.read(path)
         assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), path
-        whole = as_np(get(plain, path))
+        whole = as_numpy(tree_get(plain, path))
         assert whole.tobytes() == expected.tobytes(), path
-        restored = get(sharded, path)
+        restored = tree_get(sharded, path)
         assert restored.sharding.is_equivalent_to(NamedSharding(mesh, spec), restored.ndim)
         for s in restored.addressable_shards:
-            data = as_np(s.data)
+            data = as_numpy(s.data)
             assert data.shape == shard
             assert data.tobytes() == whole[s.index].tobytes(), (path, s.index)
     if KEY in specs:  # _sharding holds what Orbax writes for that NamedSharding
