@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,7 +85,7 @@ class KVCache(nnx.Module):
         return {k: v for k, v in vars(self).items() if isinstance(v, nnx.Cache)}
 
 
-class _Block(nnx.Module):
+class _Block(nnx.Module, abc.ABC):
     """A part of the decoder (one layer, or all of them) built for one mode.
 
     Subclasses create their variables in :meth:`_build` and compute in :meth:`_apply`; both
@@ -119,13 +120,15 @@ class _Block(nnx.Module):
         """Apply the block to embedded ``x [B, T, E]`` (see :meth:`_apply`)."""
         return self._apply(x, positions, segment_ids, model_mode)
 
+    @abc.abstractmethod
     def _build(self, rngs: nnx.Rngs, model_mode: str, cache_batch: int) -> None:
-        raise NotImplementedError
+        """Creates the block's variables."""
 
+    @abc.abstractmethod
     def _apply(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, mode: str
     ) -> jax.Array:
-        raise NotImplementedError
+        """Computes the block on embedded ``x``."""
 
 
 class DecoderLayer(_Block):
