@@ -473,8 +473,13 @@ def main() -> None:
             ra, rb = a["cases"][name]["peak_rss_mb"], b["cases"][name]["peak_rss_mb"]
             verdict = "MET" if rb <= 1.1 * ra else "NOT MET"
             print(f"  {name:30s} {ra:7.0f} MB -> {rb:7.0f} MB ({rb / ra:.2f}x) {verdict}")
+    finish(reports, args, work)
+
+
+def finish(report, args, work: pathlib.Path) -> None:
+    """Prints ``report`` as JSON when asked and removes a work folder the run made itself."""
     if args.json:
-        print(json.dumps(reports, indent=1))
+        print(json.dumps(report, indent=1))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

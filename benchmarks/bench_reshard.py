@@ -49,7 +49,7 @@ import tempfile
 import time
 
 import numpy as np
-from bench_convert import timed  # benchmarks/ is on sys.path when a benchmark is run
+from bench_convert import finish, timed  # benchmarks/ is on sys.path when a benchmark is run
 
 MESH = "fsdp=4,tensor=2"
 DEVICES = 8
@@ -322,10 +322,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rep = bench(work, size, repeat)
     print_report(rep, repeat)
-    if args.json:
-        print(json.dumps(rep, indent=1))
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
+    finish(rep, args, work)
 
 
 if __name__ == "__main__":

@@ -309,11 +309,17 @@ def _new_path(rx: re.Pattern, template: str, path: str) -> str:
     return new
 
 
-def _per_leaf(fn: Callable[[str, re.Pattern, Expr], Step | None]):
+LeafStep = Callable[[str, re.Pattern, Expr], "Step | None"]
+
+
+def _per_leaf(make: Callable[[dict], LeafStep]):
+    """A planner applying ``make(args)(path, regex, expr)`` to each matched leaf."""
+
     def planner(args: dict, items: Items) -> list[Step] | None:
         hits = _matched(args, items)
         if not hits:
             return None
+        fn = make(args)
         return [s for p, rx in hits if (s := fn(p, rx, items[p][1])) is not None]
 
     return planner
@@ -480,12 +486,12 @@ def _same(paths: list[str], items: Items, axis: int | None) -> None:
 
 
 _PLANNERS: dict[str, Callable[[dict, Items], list[Step] | None]] = {
-    "rename": lambda a, i: _per_leaf(_rename(a))(a, i),
-    "transpose": lambda a, i: _per_leaf(_transpose(a))(a, i),
-    "reshape": lambda a, i: _per_leaf(_reshape(a))(a, i),
-    "split": lambda a, i: _per_leaf(_split(a))(a, i),
-    "unstack": lambda a, i: _per_leaf(_unstack(a))(a, i),
-    "cast": lambda a, i: _per_leaf(_cast(a))(a, i),
+    "rename": _per_leaf(_rename),
+    "transpose": _per_leaf(_transpose),
+    "reshape": _per_leaf(_reshape),
+    "split": _per_leaf(_split),
+    "unstack": _per_leaf(_unstack),
+    "cast": _per_leaf(_cast),
     "stack": _plan_stack,
     "concat": _plan_concat,
 }

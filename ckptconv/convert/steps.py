@@ -34,24 +34,21 @@ Step = dict
 Items = dict[str, tuple[str, Expr]]
 
 
+_IN_PLACE = frozenset({"transpose", "reshape", "cast", "drop"})  # steps on one ``path``
+
+
+def _as_list(paths) -> list[str]:
+    return list(paths) if isinstance(paths, list) else [paths]
+
+
 def _inputs(step: Step) -> list[str]:
-    src = (
-        step.get("from")
-        if step["op"] in ("rename", "split", "concat", "stack", "unstack")
-        else None
-    )
-    if src is None:
-        return [step["path"]]
-    return list(src) if isinstance(src, list) else [src]
+    return [step["path"]] if step["op"] in _IN_PLACE else _as_list(step["from"])
 
 
 def _outputs(step: Step) -> list[str]:
-    if step["op"] in ("transpose", "reshape", "cast"):
-        return [step["path"]]
     if step["op"] == "drop":
         return []
-    dst = step["to"]
-    return list(dst) if isinstance(dst, list) else [dst]
+    return [step["path"]] if step["op"] in _IN_PLACE else _as_list(step["to"])
 
 
 def _compute(step: Step, xs: list[tuple[str, Expr]]) -> list[tuple[str, Expr]]:

@@ -134,7 +134,8 @@ def leaf_names(leaves: dict[KeyPath, Leaf], names: Any) -> dict:
 
     Args:
         leaves: the checkpoint's array leaves.
-        names: name rules (a list or tuple of ``(regex, axes)``), or a model adapter (with
+        names: name rules (a list or tuple of ``(regex, axes)``), exact names (a ``dict``
+            ``{path: axes}``; leaves it lacks have none), or a model adapter (with
             ``nnx_model()``), an abstract ``nnx.Module`` or its ``nnx.State``.
 
     Returns:
@@ -146,6 +147,8 @@ def leaf_names(leaves: dict[KeyPath, Leaf], names: Any) -> dict:
     """
     if isinstance(names, list | tuple):
         return names_from_rules(leaves, names)
+    if isinstance(names, dict):
+        return {p: None if names.get(p) is None else tuple(names[p]) for p in leaves}
     return names_from_model(leaves, names)
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import time
 import warnings
 from collections.abc import Mapping
@@ -447,7 +446,7 @@ class ShardFor:
         if not isinstance(rules, LogicalAxisRules):
             rules = load_rules(rules)
         names = self.names
-        if not isinstance(names, list | tuple) and plan.direction == "nnx-to-linen":
+        if not isinstance(names, list | tuple | dict) and plan.direction == "nnx-to-linen":
             names = names_through_plan(plan, source, names)
         shardings, fallbacks = plan_shardings(
             plan.output_leaves(),
@@ -459,24 +458,24 @@ class ShardFor:
         return OutputShardings(tuple(shardings), tuple(fallbacks), sizes, ids, source.use_zarr3)
 
 
-def names_through_plan(plan: Plan, source: CheckpointSource, model: Any) -> list:
-    """Name rules for ``plan``'s output from a model naming the source's leaves.
+def names_through_plan(plan: Plan, source: CheckpointSource, model: Any) -> dict:
+    """Exact names of ``plan``'s output arrays from a model naming the source's leaves.
 
     An output array that is a source array as stored or with its axes permuted gets the
     source's names, permuted; the others get none.
 
     Returns:
-        ``(exact path regex, axes)`` pairs, one per named output array.
+        ``{output path: axes}`` of every named output array.
     """
     arrays = {p: leaf for p, leaf in source.leaves().items() if not leaf.empty}
     found = leaf_names(arrays, model)
-    rules = []
-    for out in plan.leaves:
-        src = None if out.expr is None else permuted_source(out.expr)
+    out = {}
+    for leaf in plan.leaves:
+        src = None if leaf.expr is None else permuted_source(leaf.expr)
         if src is not None and found.get(tuple(src[0].path)) is not None:
             axes = found[tuple(src[0].path)]
-            rules.append((f"^{re.escape(keystr(out.path))}$", tuple(axes[a] for a in src[1])))
-    return rules
+            out[leaf.path] = tuple(axes[a] for a in src[1])
+    return out
 
 
 def reshard(
