@@ -305,21 +305,65 @@ def aligned_slab_shape(
     )
 
 
+def streamed_slabs(
+    expr: Expr, chunk_of: Callable[[KeyPath], Sequence[int]], slab_bytes: int
+) -> list[tuple[slice, ...]] | None:
+    """Slabs of ``expr`` that read each large source chunk once, front to back.
+
+    When ``expr`` is one source array (as stored, with its axes permuted, or cast) whose chunk
+    holds more than ``slab_bytes`` (in the larger of both dtypes), each chunk is cut into runs
+    of whole rows in C order (leading axes split first), chunk after chunk. The reader streams
+    such runs
+    (:mod:`ckptconv.io._stream`), so the chunk is decoded once and never held whole.
+
+    Example:
+        >>> src = Src(("w",), (4, 6), "float32")
+        >>> streamed_slabs(MoveAxis(src, 1, 0), lambda p: (4, 6), 48)[:2]
+        [(slice(0, 6, None), slice(0, 2, None)), (slice(0, 6, None), slice(2, 4, None))]
+
+    Returns:
+        The slabs in ``expr``'s coordinates, or ``None`` when slabs made of whole chunks do.
+    """
+    found = permuted_source(expr.x if isinstance(expr, Cast) else expr)
+    if found is None:
+        return None
+    src, axes = found
+    chunk = tuple(chunk_of(src.path))
+    itemsize = max(_itemsize(src.dtype), _itemsize(expr.dtype))
+    if math.prod(chunk) * itemsize <= slab_bytes:
+        return None
+    run = choose_chunk_shape(chunk, itemsize, slab_bytes)
+    out = []
+    for cell in slab_boxes(src.shape, chunk):
+        for sub in slab_boxes([s.stop - s.start for s in cell], run):
+            box = [
+                slice(c.start + s.start, c.start + s.stop) for c, s in zip(cell, sub, strict=True)
+            ]
+            out.append(tuple(box[a] for a in axes))
+    return out
+
+
+def _extent(index: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in index)
+
+
 def _decode_task(
     source: CheckpointSource, out: OutLeaf, slab_bytes: int, chunk: tuple[int, ...] | None
 ) -> Task:
     expr: Expr = out.expr  # type: ignore[assignment]
     itemsize = _itemsize(expr.dtype)
-    box = source_chunk_box(expr, source.chunk_shape)
-    if chunk is None:
-        slab = slab_shape(expr.shape, box, itemsize, slab_bytes)
-        chunk = tile_shape(slab, itemsize)
+    boxes = streamed_slabs(expr, source.chunk_shape, slab_bytes)
+    if boxes is not None:
+        chunk = chunk or tile_shape(_extent(boxes[0]), itemsize)
     else:
-        slab = aligned_slab_shape(expr.shape, box, chunk, itemsize, slab_bytes)
-    pieces = tuple(
-        Piece(_bounds(index), math.prod(s.stop - s.start for s in index) * itemsize)
-        for index in slab_boxes(expr.shape, slab)
-    )
+        box = source_chunk_box(expr, source.chunk_shape)
+        if chunk is None:
+            slab = slab_shape(expr.shape, box, itemsize, slab_bytes)
+            chunk = tile_shape(slab, itemsize)
+        else:
+            slab = aligned_slab_shape(expr.shape, box, chunk, itemsize, slab_bytes)
+        boxes = slab_boxes(expr.shape, slab)
+    pieces = tuple(Piece(_bounds(index), math.prod(_extent(index)) * itemsize) for index in boxes)
     return Task("decode", (out,), pieces, chunks=(chunk,))
 
 
@@ -353,11 +397,14 @@ def _layers_task(source: CheckpointSource, group: tuple[OutLeaf, ...], slab_byte
     stacked, axis, _, _ = layer_of(group[0].expr)  # type: ignore[misc]
     wanted = {layer_of(leaf.expr)[2] for leaf in group}  # type: ignore[index]
     itemsize = _itemsize(stacked.dtype)
-    box = source_chunk_box(stacked, source.chunk_shape)
-    slab = slab_shape(stacked.shape, box, itemsize, slab_bytes)
+    boxes = streamed_slabs(stacked, source.chunk_shape, slab_bytes)
+    if boxes is None:
+        box = source_chunk_box(stacked, source.chunk_shape)
+        boxes = slab_boxes(stacked.shape, slab_shape(stacked.shape, box, itemsize, slab_bytes))
+    slab = _extent(boxes[0])
     out_slab = slab[:axis] + slab[axis + 1 :]
     pieces = []
-    for index in slab_boxes(stacked.shape, slab):
+    for index in boxes:
         held = index[axis]
         layers = sum(1 for i in range(held.start, held.stop) if i in wanted)
         per_layer = math.prod(s.stop - s.start for a, s in enumerate(index) if a != axis)

@@ -30,7 +30,7 @@ import tensorstore as ts
 
 from ..errors import CheckpointFormatError, LayoutError
 from . import _format as fmt
-from . import _item, _ocdbt
+from . import _item, _ocdbt, _stream
 from ._permute import ChunkKeys
 from ._slab import slab_box
 from .leaf import KeyPath, Leaf, keystr
@@ -79,6 +79,8 @@ class CheckpointReader:
         self._custom_metadata: Any = None
         self._ext_metadata: dict[str, Any] | None = None
         self._contents: _ocdbt.Contents | None = None
+        self._chunk_reads: _stream.ChunkReads | None = None
+        self._stored: dict[KeyPath, _stream.StoredArray] = {}
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self._location)!r})"
@@ -377,12 +379,15 @@ class CheckpointReader:
         if path in self._inline:
             return self._read_inline(path, index)
         store = self.open(path)
-        if index is None:
-            view = store
-        else:
-            view = store[slab_box(self._location, path, index, tuple(store.shape))]
+        box = None if index is None else slab_box(self._location, path, index, tuple(store.shape))
         try:
-            return np.asarray(view.read().result())
+            if box is not None:
+                part = self._large_chunks().read(
+                    self.stored_array(path), box, lambda b: np.asarray(store[b].read().result())
+                )
+                if part is not None:
+                    return part
+            return np.asarray((store if box is None else store[box]).read().result())
         except Exception as e:
             key = self.array_key(path)
             if self._use_ocdbt:
@@ -394,6 +399,36 @@ class CheckpointReader:
                 f"{self._location}: cannot read array {keystr(path)} (key {key!r}, "
                 f"{where}): {fmt.one_line(e)}"
             ) from e
+
+    def stored_array(self, path: KeyPath) -> _stream.StoredArray:
+        """How one array's chunks are stored: whether parts of a large one can be streamed.
+
+        Raises:
+            LayoutError: ``path`` is not an array leaf of this checkpoint.
+        """
+        path = tuple(path)
+        found = self._stored.get(path)
+        if found is None:
+            doc = self.zarr_metadata(path)
+            codec, reason = _stream.chunk_codec(doc, zarr3=self._use_zarr3)
+            prefix, keys = self.array_key(path), ChunkKeys(doc, zarr3=self._use_zarr3)
+            found = _stream.StoredArray(
+                name=keystr(path),
+                shape=tuple(self.open(path).shape),
+                chunk=_stream.decoded_chunk(doc, self.chunk_shape(path), zarr3=self._use_zarr3),
+                itemsize=self.open(path).dtype.numpy_dtype.itemsize,
+                codec=codec,
+                reason=reason,
+                key_of=lambda cell: f"{prefix}/{keys.format(cell)}",
+            )
+            self._stored[path] = found
+        return found
+
+    def _large_chunks(self) -> _stream.ChunkReads:
+        with self._lock:
+            if self._chunk_reads is None:
+                self._chunk_reads = _stream.ChunkReads(self.kvstore)
+            return self._chunk_reads
 
     def _read_inline(self, path: KeyPath, index: tuple[slice, ...] | None) -> np.ndarray:
         value = self._inline[path]
